@@ -1,0 +1,36 @@
+# Two commands to set up and go (see README):
+#   make repro   create .venv, install, regenerate every output with `dvc repro`
+#   make test    create .venv if missing, install, run the test suite (CI runs this)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Re-install only when the dependency list changes.
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Stages call `python -m pipeline.<stage>`: make sure that is the venv's python.
+export PATH := $(abspath $(BIN)):$(PATH)
+# No network at run time: wandb logs offline unless a user opts in.
+export WANDB_MODE ?= offline
+
+.PHONY: install test test-all repro bench clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+# Everything, including the long end-to-end tests marked `slow`.
+test-all: install
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+repro: install
+	$(BIN)/dvc repro
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Explaining VQA models reproducibly: one module per stage here, the library in subpackages."""

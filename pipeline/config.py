@@ -1,0 +1,60 @@
+"""Hydra plumbing shared by every stage: the config folder, composing configs outside a Hydra
+app (tests, notebooks), and the decorator that turns a ``run(cfg)`` function into a stage."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data.errors import DataError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("pipeline")
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose the project's config exactly as a stage would see it (without Hydra's own
+    ``hydra.*`` node), e.g. ``compose(["data=synthetic_tiny", "paths.root=/tmp/run"])``."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
+    """Wrap ``run(cfg)`` as the Hydra entry point of a stage.
+
+    Bad input (:class:`DataError`) ends the stage with its message and exit code 2 instead of
+    a traceback: the message names the file and record, which is what the user needs.
+    """
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @functools.wraps(run)
+    def main(cfg: DictConfig) -> None:
+        start = time.perf_counter()
+        try:
+            run(cfg)
+        except DataError as e:
+            log.error("%s", e)
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        log.info("%s finished in %.1f s", run.__module__, time.perf_counter() - start)
+
+    return main
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    """The config with every interpolation resolved, as saved next to a stage's outputs."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def abspath(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()

@@ -1,0 +1,1 @@
+"""Data formats, the synthetic world, vocabularies, answers, downloads, the processed layout."""

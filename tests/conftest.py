@@ -1,0 +1,72 @@
+"""Shared fixtures: small folders in the real VQA / COCO / VQA-HAT layouts, made by the tests."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Tests never reach the network and never upload: wandb stays offline.
+os.environ.setdefault("WANDB_MODE", "offline")
+
+QUESTIONS = [
+    # (question_id, image_id, question, answers, answer_type, question_type)
+    (420, 42, "What color is the dog?", ["brown"] * 8 + ["tan", "Brown"], "other", "what color is the"),
+    (421, 42, "Is there a dog?", ["yes"] * 10, "yes/no", "is there a"),
+    (70, 7, "How many people are there?", ["2"] * 6 + ["two", "3", "2", "2"], "number", "how many"),
+    (71, 7, "Is it raining?", ["no"] * 9 + ["yes"], "yes/no", "is it"),
+]
+
+
+def write_vqa_split(root: Path, version: str, split: str, questions=QUESTIONS, image_size=(40, 30)):
+    """Write question/annotation JSON, COCO-named JPEGs for ``questions`` into ``root``."""
+    prefix = "v2_" if version == "v2" else ""
+    qfile = root / f"{prefix}OpenEnded_mscoco_{split}_questions.json"
+    afile = root / f"{prefix}mscoco_{split}_annotations.json"
+    root.mkdir(parents=True, exist_ok=True)
+    qfile.write_text(json.dumps({
+        "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split,
+        "license": {},
+        "questions": [{"image_id": i, "question": q, "question_id": qid}
+                      for qid, i, q, *_ in questions],
+    }))
+    afile.write_text(json.dumps({
+        "info": {}, "license": {}, "data_subtype": split,
+        "annotations": [{
+            "question_id": qid, "image_id": i, "question_type": qt, "answer_type": at,
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                        for k, a in enumerate(answers)],
+            "multiple_choice_answer": max(set(answers), key=answers.count),
+        } for qid, i, _, answers, at, qt in questions],
+    }))
+    (root / split).mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for image_id in sorted({q[1] for q in questions}):
+        pixels = rng.integers(0, 255, (image_size[1], image_size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / f"COCO_{split}_{image_id:012d}.jpg")
+    return qfile, afile
+
+
+def write_hat_maps(root: Path, hat_dir: str, question_ids, annotators: int, size=(20, 16)):
+    d = root / hat_dir
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for qid in question_ids:
+        for k in range(1, annotators + 1):
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8)).save(
+                d / f"{qid}_{k}.png")
+
+
+@pytest.fixture
+def vqa_root(tmp_path) -> Path:
+    """A tiny VQA v2 release: train2014 and val2014 with the same four questions, HAT maps."""
+    root = tmp_path / "vqa"
+    write_vqa_split(root, "v2", "train2014")
+    val = [(q[0] + 1_000_000, q[1] + 1000, *q[2:]) for q in QUESTIONS]
+    write_vqa_split(root, "v2", "val2014", val)
+    write_hat_maps(root, "vqahat_train", [QUESTIONS[0][0]], 1)
+    write_hat_maps(root, "vqahat_val", [q[0] for q in val[:3]], 3)
+    return root

@@ -1,0 +1,44 @@
+"""Atomic outputs: a write that fails half-way leaves the previous complete output (or none)."""
+import pytest
+
+from pipeline.io import atomic_directory, atomic_path, read_json, write_json
+
+
+class Killed(Exception):
+    pass
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "out" / "table.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(Killed):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "half')
+            raise Killed
+    assert read_json(target) == {"v": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.json"]
+
+
+def test_atomic_path_keeps_suffix_and_replaces(tmp_path):
+    target = tmp_path / "maps.npz"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".npz" and tmp.parent == tmp_path
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_atomic_directory(tmp_path):
+    target = tmp_path / "world"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(Killed):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("second, half written")
+            raise Killed
+    assert (target / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]  # no temporary left behind
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("replaced")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]

@@ -1,0 +1,154 @@
+"""The prepare stage end to end on the tiny synthetic world and on real-layout fixtures."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pipeline import prepare
+from pipeline.config import compose
+from pipeline.data import processed
+from pipeline.data.errors import DataError, MissingDataError
+
+
+def tiny_cfg(tmp_path, *overrides):
+    return compose(["data=synthetic_tiny", f"paths.root={tmp_path}", *overrides])
+
+
+def real_cfg(tmp_path, root, *overrides):
+    return compose(["data=vqa_v2", f"data.root={root}", f"paths.root={tmp_path / 'run'}", *overrides])
+
+
+def _snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "config.yaml"}
+
+
+def test_prepare_synthetic_tiny(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    metrics = prepare.run(cfg)
+    out = tmp_path / "data" / "processed" / "synthetic_tiny"
+    train = processed.load_question_table(out, "train")
+    val = processed.load_question_table(out, "val")
+    qvocab, avocab = processed.load_vocabs(out)
+    assert metrics["splits"]["train"]["questions"] == len(train) > 0
+    assert metrics["splits"]["val"]["questions"] == len(val) > 0
+    assert {r["answer_type"] for r in train} == {"yes/no", "number", "other"}
+    rec = val[0]
+    assert rec["token_ids"] == qvocab.encode(rec["tokens"], cfg.data.max_question_length)
+    assert len(rec["answers"]) == 10 and rec["answer"] in rec["answer_scores"]
+    assert (tmp_path / "data" / "raw" / "synthetic_tiny" / rec["image"]).is_file()
+    hat = processed.load_hat_index(out, "val")
+    assert set(hat) == {r["question_id"] for r in val}          # every val question has maps
+    assert all(len(paths) == 3 for paths in hat.values())
+    assert len(processed.load_images(out, "val")) == cfg.data.synthetic.num_images.val2014
+    assert json.loads((out / "skipped.json").read_text())["skipped"] == []
+    assert {"yes", "no"} <= set(avocab.answers[:6])             # among the most frequent answers
+    assert metrics["splits"]["val"]["answer_coverage"] > 0.9
+    assert (tmp_path / "reports" / "metrics" / "prepare.json").is_file()
+
+
+def test_prepare_is_deterministic(tmp_path):
+    prepare.run(tiny_cfg(tmp_path / "a"))
+    prepare.run(tiny_cfg(tmp_path / "b"))
+    rel = "data/processed/synthetic_tiny"
+    assert _snapshot(tmp_path / "a" / rel) == _snapshot(tmp_path / "b" / rel)
+    raw = "data/raw/synthetic_tiny"
+    assert _snapshot(tmp_path / "a" / raw) == _snapshot(tmp_path / "b" / raw)
+
+
+def test_prepare_real_layout(tmp_path, vqa_root):
+    metrics = prepare.run(real_cfg(tmp_path, vqa_root))
+    out = tmp_path / "run" / "data" / "processed" / "vqa_v2"
+    val = processed.load_question_table(out, "val")
+    assert len(val) == 4 and metrics["splits"]["val"]["questions_with_hat"] == 3
+    dog = next(r for r in val if r["question"] == "What color is the dog?")
+    assert dog["answer"] == "brown" and dog["answer_scores"]["brown"] == pytest.approx(1.0)
+    assert dog["tokens"] == ["what", "color", "is", "the", "dog"]
+    assert processed.load_hat_index(out, "train") == {420: ["vqahat_train/420_1.png"]}
+
+
+def test_missing_real_files_are_listed_with_their_source(tmp_path):
+    with pytest.raises(MissingDataError) as e:
+        prepare.run(real_cfg(tmp_path, tmp_path / "empty"))
+    message = str(e.value)
+    assert "v2_OpenEnded_mscoco_val2014_questions.json" in message
+    assert "v2_Questions_Val_mscoco.zip" in message and "data.download=true" in message
+    assert not (tmp_path / "run" / "data" / "processed").exists()
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "data=vqa_v2", f"data.root={tmp_path / 'none'}",
+         f"paths.root={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "vqahat_val" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_image_stops_or_is_skipped(tmp_path, vqa_root):
+    (vqa_root / "val2014" / "COCO_val2014_000000001042.jpg").unlink()
+    with pytest.raises(DataError) as e:
+        prepare.run(real_cfg(tmp_path, vqa_root))
+    assert "COCO_val2014_000000001042.jpg" in str(e.value) and "missing" in str(e.value)
+    prepare.run(real_cfg(tmp_path, vqa_root, "data.on_error=skip"))
+    out = tmp_path / "run" / "data" / "processed" / "vqa_v2"
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert skipped["counts"] == {"hat_map": 2, "image": 1, "question": 2}
+    dropped = {s["record"] for s in skipped["skipped"] if s["kind"] == "question"}
+    assert dropped == {1_000_420, 1_000_421}
+    assert dropped.isdisjoint(r["question_id"] for r in processed.load_question_table(out, "val"))
+
+
+def test_unreadable_image(tmp_path, vqa_root):
+    (vqa_root / "train2014" / "COCO_train2014_000000000007.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="unreadable image") as e:
+        prepare.run(real_cfg(tmp_path, vqa_root))
+    assert "COCO_train2014_000000000007.jpg" in str(e.value)
+
+
+def test_hat_map_with_unknown_question(tmp_path, vqa_root):
+    Image.new("L", (4, 4)).save(vqa_root / "vqahat_val" / "999_1.png")
+    with pytest.raises(DataError, match="not in this split") as e:
+        prepare.run(real_cfg(tmp_path, vqa_root))
+    assert "999_1.png" in str(e.value)
+    prepare.run(real_cfg(tmp_path, vqa_root, "data.on_error=skip"))
+    skipped = json.loads((tmp_path / "run/data/processed/vqa_v2/skipped.json").read_text())
+    assert skipped["skipped"] == [{"kind": "hat_map", "record": 999,
+                                   "path": str(vqa_root / "vqahat_val" / "999_1.png"),
+                                   "reason": "question id is not in this split"}]
+
+
+def test_malformed_annotation_file(tmp_path, vqa_root):
+    (vqa_root / "v2_mscoco_val2014_annotations.json").write_text("{oops")
+    with pytest.raises(DataError, match="malformed JSON") as e:
+        prepare.run(real_cfg(tmp_path, vqa_root))
+    assert "v2_mscoco_val2014_annotations.json" in str(e.value)
+
+
+def test_killed_stage_leaves_previous_outputs(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    prepare.run(cfg)
+    raw = tmp_path / "data" / "raw" / "synthetic_tiny"
+    out = tmp_path / "data" / "processed" / "synthetic_tiny"
+    before_raw, before_out = _snapshot(raw), _snapshot(out)
+
+    def killed_mid_write(*args, **kwargs):
+        (args[1] / "half_written.json").write_text("{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "generate_world", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.run(cfg)
+    assert _snapshot(raw) == before_raw and _snapshot(out) == before_out
+    assert sorted(p.name for p in raw.parent.iterdir()) == ["synthetic_tiny"]
+
+
+def test_refuses_to_overwrite_foreign_folder(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="refusing"):
+        prepare.run(tiny_cfg(tmp_path, f"data.root={foreign}"))
+    assert (foreign / "precious.txt").read_text() == "keep me"

@@ -1,0 +1,46 @@
+import pytest
+
+from pipeline.data.vocab import PAD, UNK, AnswerVocab, QuestionVocab, tokenize
+
+
+@pytest.mark.parametrize("question, tokens", [
+    ("What color is the dog?", ["what", "color", "is", "the", "dog"]),
+    ("What's left-most?", ["what's", "left", "most"]),
+    ("Is this a 'cat' or a dog/wolf?", ["is", "this", "a", "cat", "or", "a", "dog", "wolf"]),
+    ("How many (red) cubes, roughly?", ["how", "many", "red", "cubes", "roughly"]),
+    ("", []),
+    ("???", []),
+])
+def test_tokenize(question, tokens):
+    assert tokenize(question) == tokens
+
+
+def test_question_vocab_is_deterministic_and_maps_unknown_words():
+    questions = [["is", "there", "a", "dog"], ["is", "there", "a", "cat"], ["what", "is", "it"]]
+    vocab = QuestionVocab.build(questions)
+    assert vocab.tokens[:2] == [PAD, UNK]
+    assert vocab.tokens[2] == "is"                     # most frequent first
+    assert vocab.tokens[3:6] == ["a", "there", "cat"]  # ties alphabetical
+    assert vocab.encode(["is", "zebra"]) == [vocab.index["is"], vocab.unk_id]
+    assert vocab.encode(["is", "there", "a"], max_length=2) == [2, vocab.index["there"]]
+    assert QuestionVocab.build(list(reversed(questions))).tokens == vocab.tokens
+    rare = QuestionVocab.build(questions, min_count=2)
+    assert "cat" not in rare.index and "there" in rare.index
+
+
+def test_vocab_roundtrip(tmp_path):
+    vocab = QuestionVocab.build([["a", "b", "b"]])
+    vocab.save(tmp_path / "q.json")
+    assert QuestionVocab.load(tmp_path / "q.json").tokens == vocab.tokens
+    answers = AnswerVocab.build(["yes", "no", "yes", "2", "red", "no", "yes"], top_k=3)
+    assert answers.answers == ["yes", "no", "2"]
+    answers.save(tmp_path / "a.json")
+    assert AnswerVocab.load(tmp_path / "a.json").answers == answers.answers
+    assert answers.top(2).answers == ["yes", "no"]
+
+
+def test_vocab_rejects_bad_layout():
+    with pytest.raises(ValueError):
+        QuestionVocab(["a", "b"])
+    with pytest.raises(ValueError):
+        AnswerVocab(["yes", "yes"])
