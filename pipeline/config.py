@@ -46,7 +46,10 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
             log.error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        log.info("%s finished in %.1f s", run.__module__, time.perf_counter() - start)
+        from hydra.core.hydra_config import HydraConfig
+
+        log.info("stage %s finished in %.1f s", HydraConfig.get().job.name,
+                 time.perf_counter() - start)
 
     return main
 

@@ -20,7 +20,6 @@ and ``${paths.metrics_dir}/prepare.json`` (counts, vocabulary coverage, skipped 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -135,7 +134,6 @@ def _question_table(records, vocab: QuestionVocab, max_len: int, split: str, nam
 
 
 def run(cfg: DictConfig) -> dict:
-    start = time.perf_counter()
     data = cfg.data
     root = abspath(data.root)
     policy = RecordPolicy(data.on_error)
@@ -175,6 +173,7 @@ def run(cfg: DictConfig) -> dict:
                                      bool(data.verify_images))
 
     out_dir = abspath(cfg.paths.processed_dir)
+    # Metrics hold no wall-clock time (it is in the log): they must be identical run to run.
     metrics: dict = {"data": data.name, "source": data.source, "root": str(data.root), "splits": {}}
     with atomic_directory(out_dir) as tmp:
         for key, records in splits.items():
@@ -211,8 +210,6 @@ def run(cfg: DictConfig) -> dict:
         "skipped": policy.counts(),
     })
     write_json(abspath(cfg.paths.metrics_dir) / "prepare.json", metrics)
-    # Wall-clock time goes to the log, not the metrics: metrics must be identical run to run.
-    log.info("prepare took %.1f s", time.perf_counter() - start)
     if policy.skipped:
         log.warning("skipped %d records (%s); list in %s", len(policy.skipped), policy.counts(),
                     out_dir / processed.SKIPPED)
