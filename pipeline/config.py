@@ -32,8 +32,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     """Wrap ``run(cfg)`` as the Hydra entry point of a stage.
 
-    Bad input (:class:`DataError`) ends the stage with its message and exit code 2 instead of
-    a traceback: the message names the file and record, which is what the user needs.
+    Bad input (:class:`DataError`, which includes unusable model files) and missing files end
+    the stage with their message and exit code 2 instead of a traceback: the message names the
+    file and record, or the stage to run, which is what the user needs.
     """
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -42,7 +43,7 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
         start = time.perf_counter()
         try:
             run(cfg)
-        except DataError as e:
+        except (DataError, FileNotFoundError) as e:
             log.error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

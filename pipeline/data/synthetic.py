@@ -51,6 +51,7 @@ __all__ = [
     "answer_question",
     "generate_world",
     "load_ground_truth",
+    "load_instance_map",
     "question_mask",
 ]
 
@@ -947,6 +948,11 @@ def _question_objects(gt_path: str, mtime_ns: int) -> dict[int, tuple[int, tuple
     return {int(q["question_id"]): (int(q["image_id"]), tuple(q["object_indices"])) for q in d["questions"]}
 
 
+def load_instance_map(root: str | Path, split: str, image_id: int) -> np.ndarray:
+    """The saved instance map of an image (uint8 HxW: 0 = background, k + 1 = object k)."""
+    return _load_png(Path(root) / "ground_truth" / f"{split}_instances" / f"{image_id}.png")
+
+
 def question_mask(root: str | Path, split: str, question_id: int) -> np.ndarray:
     """Boolean HxW mask of the pixels one must look at to answer a question (the union of its
     ground-truth objects in the lossless instance map)."""
@@ -955,5 +961,5 @@ def question_mask(root: str | Path, split: str, question_id: int) -> np.ndarray:
     if question_id not in index:
         raise KeyError(f"question {question_id} is not in {gt_path}")
     image_id, object_indices = index[question_id]
-    instances = _load_png(Path(root) / "ground_truth" / f"{split}_instances" / f"{image_id}.png")
+    instances = load_instance_map(root, split, image_id)
     return np.isin(instances, np.asarray(object_indices, dtype=np.int64) + 1)

@@ -1,0 +1,149 @@
+"""Benchmark: does training from the feature store use memory independent of the store's size?
+
+    python -m pipeline.bench_feature_store [--rows 2700] [--scale 10] [--grid 128 8 8]
+                                           [--batch-size 64] [--workdir DIR] [--out FILE]
+
+Writes two synthetic stores of random float16 features with the same grid shape, one with
+``--rows`` rows and one ``--scale`` times larger, then runs one training-like epoch over each in
+a fresh subprocess (so that nothing allocated by one run is counted in the other): batches of
+rows in random order read through :class:`~pipeline.data.feature_store.FeatureStore`, a linear
+classifier's forward, backward and SGD step. Each subprocess reports its peak resident memory
+(``ru_maxrss``). Prints and writes (default ``reports/metrics/bench_feature_store.json``) both peaks
+and their ratio; a ratio near 1 means reading costs memory per batch, not per file.
+
+The defaults are the default preset's store (2500 + 200 images, 128 x 8 x 8 grids); for
+ResNet-152's res5c use ``--grid 2048 14 14 --rows 200``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+from pipeline.data.feature_store import FeatureStore, FeatureStoreWriter
+from pipeline.io import write_json
+
+NUM_CLASSES = 32
+# Random rows are generated and written this many bytes (float32) at a time.
+WRITE_CHUNK_BYTES = 64 << 20
+# What the peak ratio should stay under for reading to count as independent of the store size.
+RATIO_LIMIT = 1.2
+
+
+def write_synthetic_store(features_dir: Path, split_key: str, rows: int,
+                          grid_shape: tuple[int, int, int], seed: int) -> Path:
+    """A store of ``rows`` random grids, written through the real writer."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, WRITE_CHUNK_BYTES // (4 * int(np.prod(grid_shape))))
+    writer = FeatureStoreWriter(features_dir, split_key, range(rows), grid_shape, {"seed": seed},
+                                backbone="random", input_size=0, chunk_rows=chunk)
+    for start in range(0, rows, chunk):
+        count = min(chunk, rows - start)
+        writer.append(torch.from_numpy(rng.standard_normal((count, *grid_shape), dtype=np.float32)))
+    return writer.finish()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # Linux reports KiB, macOS bytes
+
+
+def train_one_epoch(store_dir: Path, batch_size: int, seed: int) -> dict:
+    """One epoch of a linear classifier on the flattened grids, in random row order."""
+    store = FeatureStore.open(store_dir.parent, store_dir.name)
+    torch.manual_seed(seed)
+    model = nn.Linear(int(np.prod(store.grid_shape)), NUM_CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    order = torch.randperm(len(store)).numpy()
+    rss_before_epoch = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    for first in range(0, len(store), batch_size):
+        rows = order[first:first + batch_size]
+        features = store.grid(rows).flatten(1)
+        labels = torch.from_numpy(rows % NUM_CLASSES)
+        loss = nn.functional.cross_entropy(model(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    return {
+        "rows": len(store),
+        "store_bytes": sum(p.stat().st_size for p in store_dir.iterdir()),
+        "rss_before_epoch_bytes": rss_before_epoch,
+        "peak_rss_bytes": peak,
+        # The peak is mostly torch itself; this is what the epoch added on top.
+        "epoch_rss_growth_bytes": peak - rss_before_epoch,
+        "epoch_seconds": round(seconds, 3),
+    }
+
+
+def measure_in_subprocess(store_dir: Path, batch_size: int, seed: int) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench_feature_store", "--train-epoch", str(store_dir),
+         "--batch-size", str(batch_size), "--seed", str(seed)],
+        check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2700, help="rows of the smaller store")
+    parser.add_argument("--scale", type=int, default=10, help="the larger store has rows x scale")
+    parser.add_argument("--grid", type=int, nargs=3, default=(128, 8, 8), metavar=("C", "H", "W"))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the temporary stores go (default: the system temp folder)")
+    parser.add_argument("--out", type=Path, default=Path("reports/metrics/bench_feature_store.json"))
+    # Internal: what each measuring subprocess runs.
+    parser.add_argument("--train-epoch", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.train_epoch is not None:
+        measurement = train_one_epoch(args.train_epoch, args.batch_size, args.seed)
+        print(json.dumps(measurement))
+        return measurement
+
+    grid_shape = tuple(args.grid)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="bench_feature_store.", dir=args.workdir) as workdir:
+        for name, rows in (("small", args.rows), ("large", args.rows * args.scale)):
+            print(f"writing the {name} store: {rows} x {grid_shape} float16", flush=True)
+            store_dir = write_synthetic_store(Path(workdir), name, rows, grid_shape, args.seed)
+            runs[name] = measure_in_subprocess(store_dir, args.batch_size, args.seed)
+            print(f"  {name}: store {runs[name]['store_bytes'] / 2**20:.0f} MiB, peak RSS "
+                  f"{runs[name]['peak_rss_bytes'] / 2**20:.0f} MiB "
+                  f"(+{runs[name]['epoch_rss_growth_bytes'] / 2**20:.0f} MiB during the epoch), "
+                  f"epoch {runs[name]['epoch_seconds']:.1f} s", flush=True)
+    ratio = runs["large"]["peak_rss_bytes"] / runs["small"]["peak_rss_bytes"]
+    report = {
+        "grid_shape": list(grid_shape),
+        "batch_size": args.batch_size,
+        "scale": args.scale,
+        **runs,
+        "peak_rss_ratio": round(ratio, 4),
+        "ratio_limit": RATIO_LIMIT,
+        "within_limit": ratio <= RATIO_LIMIT,
+    }
+    write_json(args.out, report)
+    print(f"peak RSS ratio large/small: {ratio:.3f} (limit {RATIO_LIMIT}); wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Cached backbone features: one on-disk, memory-mapped store per split.
+
+The backbone is frozen, so its output for an image never changes; training reads it from here
+instead of running the CNN every epoch. Layout (written by ``python -m pipeline.extract_features``):
+
+    <features_dir>/<split_key>/grid.npy     N x C x h x w float16, the ``conv`` grid of each image
+    <features_dir>/<split_key>/pooled.npy   N x C float16, the grid's spatial mean (computed in
+                                            float32 before the cast; not L2-normalised: models do it)
+    <features_dir>/<split_key>/index.json   {"image_ids": [...row order...], "backbone", "input_size",
+                                            "grid_shape": [C, h, w], "dtype": "float16"}
+
+Both arrays are real ``.npy`` files (``np.load(path, mmap_mode="r")`` reads them).
+
+An extraction in progress lives in ``<split_key>.partial/`` next to the final folder, with a
+``progress.json`` that says how many rows are safely on disk. A killed extraction resumes from
+there; the final folder appears (or replaces the previous one) by a rename, only when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.data.errors import MissingDataError
+from pipeline.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+GRID_FILE = "grid.npy"
+POOLED_FILE = "pooled.npy"
+INDEX_FILE = "index.json"
+PROGRESS_FILE = "progress.json"
+PARTIAL_SUFFIX = ".partial"
+STORE_DTYPE = np.dtype(np.float16)
+EXTRACT_COMMAND = "python -m pipeline.extract_features"
+
+Rows = int | Sequence[int] | np.ndarray | torch.Tensor
+
+
+def store_dir(features_dir: str | os.PathLike, split_key: str) -> Path:
+    """The folder of a finished split."""
+    return Path(features_dir) / split_key
+
+
+def partial_dir(features_dir: str | os.PathLike, split_key: str) -> Path:
+    """The folder of a split whose extraction has not finished (or was interrupted)."""
+    return Path(features_dir) / f"{split_key}{PARTIAL_SUFFIX}"
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, byte offset of the data) of a ``.npy`` file, read without mapping it."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order:
+            raise ValueError(f"{path} is stored in Fortran order; the store writes C order")
+        return tuple(shape), dtype, f.tell()
+
+
+def _npy_matches(path: Path, shape: tuple[int, ...]) -> bool:
+    """Whether ``path`` is a float16 ``.npy`` of exactly ``shape`` (False if unreadable)."""
+    try:
+        found_shape, dtype, _ = _npy_header(path)
+    except (OSError, ValueError, KeyError):
+        return False
+    return found_shape == shape and dtype == STORE_DTYPE
+
+
+class _RowReader:
+    """Rows of one ``.npy`` file through a read-only memory map of this process.
+
+    Pages a read touched are handed back right after the rows are copied out
+    (``MADV_DONTNEED``): the data stays in the kernel's page cache, but the process does not
+    keep it mapped, so its resident memory stays at about one batch whatever the file size.
+    Without this, one epoch of random reads would leave the whole file resident."""
+
+    def __init__(self, path: Path):
+        shape, dtype, offset = _npy_header(path)
+        with open(path, "rb") as f:
+            # The map keeps its own reference to the file; the descriptor can be closed.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._array = np.ndarray(shape, dtype, buffer=self._map, offset=offset)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """A copy of ``array[rows]`` (``rows``: 1-D integer array)."""
+        out = self._array[rows]
+        self._map.madvise(mmap.MADV_DONTNEED)
+        return out
+
+
+class FeatureStore:
+    """The features of one split, read-only; rows are read per call, never the whole file.
+
+    Safe with DataLoader workers: the memory maps are opened lazily by the process that reads,
+    reopened after a fork, and dropped when the store is pickled (spawned workers)."""
+
+    def __init__(self, directory: Path, index: dict):
+        self.directory = Path(directory)
+        self.index = index
+        self._row_of = {image_id: row for row, image_id in enumerate(index["image_ids"])}
+        self._readers: dict[str, _RowReader] = {}
+        self._readers_pid: int | None = None
+
+    @classmethod
+    def open(cls, features_dir: str | os.PathLike, split_key: str) -> "FeatureStore":
+        """The finished store of ``split_key``; :class:`MissingDataError` naming the stage to run
+        when it is missing, unfinished or does not match its index."""
+        directory = store_dir(features_dir, split_key)
+        if not (directory / INDEX_FILE).is_file():
+            partial = partial_dir(features_dir, split_key)
+            if partial.is_dir():
+                raise MissingDataError(
+                    f"the feature extraction of split {split_key!r} did not finish: rerun "
+                    f"`{EXTRACT_COMMAND}` with the same overrides to resume it", partial)
+            raise MissingDataError(
+                f"features of split {split_key!r} not found: run `{EXTRACT_COMMAND}` with the same "
+                "data=, backbone= and paths.root settings first", directory)
+        index = read_json(directory / INDEX_FILE)
+        n, grid_shape = len(index["image_ids"]), tuple(index["grid_shape"])
+        for name, shape in ((GRID_FILE, (n, *grid_shape)), (POOLED_FILE, (n, grid_shape[0]))):
+            if not _npy_matches(directory / name, shape):
+                raise MissingDataError(
+                    f"{name} is missing or is not a float16 array of shape {shape} as index.json "
+                    f"says: rerun `{EXTRACT_COMMAND}`", directory / name)
+        return cls(directory, index)
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    @property
+    def image_ids(self) -> list:
+        """Image ids in row order."""
+        return self.index["image_ids"]
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        return tuple(self.index["grid_shape"])
+
+    @property
+    def backbone(self) -> str:
+        return self.index["backbone"]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.index["input_size"])
+
+    def row_of(self, image_id) -> int:
+        try:
+            return self._row_of[image_id]
+        except KeyError:
+            raise KeyError(f"image {image_id!r} has no features in {self.directory}") from None
+
+    def grid(self, rows: Rows) -> torch.Tensor:
+        """Grid features as float32: C x h x w for one row, B x C x h x w for a sequence."""
+        return self._read(GRID_FILE, rows)
+
+    def pooled(self, rows: Rows) -> torch.Tensor:
+        """Pooled features as float32: C for one row, B x C for a sequence."""
+        return self._read(POOLED_FILE, rows)
+
+    def _read(self, name: str, rows: Rows) -> torch.Tensor:
+        index = np.asarray(rows, dtype=np.int64)
+        values = self._reader(name).read(index.reshape(-1))
+        values = values.reshape(index.shape + values.shape[1:])
+        return torch.from_numpy(values.astype(np.float32))
+
+    def _reader(self, name: str) -> _RowReader:
+        # A map inherited through fork belongs to the parent; each process maps for itself.
+        if self._readers_pid != os.getpid():
+            self._readers, self._readers_pid = {}, os.getpid()
+        if name not in self._readers:
+            self._readers[name] = _RowReader(self.directory / name)
+        return self._readers[name]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_readers"], state["_readers_pid"] = {}, None
+        return state
+
+
+def _json_normalised(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparing with a file."""
+    return json.loads(json.dumps(value))
+
+
+class FeatureStoreWriter:
+    """Writes one split's store, resumably.
+
+    Rows go into ``<split_key>.partial/`` in the order of ``image_ids``. Every ``chunk_rows`` rows
+    the arrays are flushed and ``progress.json`` ({"rows_done", "image_ids", "config"}) is
+    replaced atomically, so after a kill the rows it counts are on disk. A new writer for the
+    same image list and ``config`` (the identity of the backbone and data; any JSON value)
+    continues at ``rows_done``; for anything else it starts over. :meth:`finish` writes
+    index.json and renames the folder into place.
+
+    Usage: ``writer = FeatureStoreWriter(...)``; feed the grids of images
+    ``image_ids[writer.rows_done:]`` in order to :meth:`append`; then :meth:`finish`.
+    """
+
+    def __init__(self, features_dir: str | os.PathLike, split_key: str, image_ids: Sequence,
+                 grid_shape: Sequence[int], config: dict, backbone: str, input_size: int,
+                 chunk_rows: int = 256):
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        self.final_dir = store_dir(features_dir, split_key)
+        self.partial_dir = partial_dir(features_dir, split_key)
+        self.image_ids = _json_normalised(list(image_ids))
+        self.grid_shape = tuple(int(s) for s in grid_shape)
+        self.config = _json_normalised(config)
+        self.backbone = backbone
+        self.input_size = int(input_size)
+        self.chunk_rows = int(chunk_rows)
+        self._grid: np.memmap | None = None
+        self._pooled: np.memmap | None = None
+        self.rows_done = self._resume_or_start()
+        self.rows_written = self.rows_done
+
+    @property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        n = len(self.image_ids)
+        return {GRID_FILE: (n, *self.grid_shape), POOLED_FILE: (n, self.grid_shape[0])}
+
+    def _resume_or_start(self) -> int:
+        """Rows already on disk from an interrupted run with the same inputs, else 0 (after
+        clearing the partial folder and allocating the arrays)."""
+        progress_file = self.partial_dir / PROGRESS_FILE
+        if progress_file.is_file():
+            progress = read_json(progress_file)
+            same_inputs = (progress["image_ids"] == self.image_ids
+                           and progress["config"] == self.config
+                           and all(_npy_matches(self.partial_dir / name, shape)
+                                   for name, shape in self._shapes.items()))
+            if same_inputs:
+                log.info("resuming %s at row %d of %d", self.partial_dir, progress["rows_done"],
+                         len(self.image_ids))
+                return int(progress["rows_done"])
+            log.info("%s was started for other images or another backbone: starting over",
+                     self.partial_dir)
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        self.partial_dir.mkdir(parents=True)
+        for name, shape in self._shapes.items():
+            # Allocates a sparse file of the final size (rows are filled in place later) and
+            # unmaps it at once: append() maps it again only for the rows it writes.
+            np.lib.format.open_memmap(self.partial_dir / name, mode="w+", dtype=STORE_DTYPE,
+                                      shape=shape)
+        return 0
+
+    def append(self, grid: torch.Tensor | np.ndarray) -> None:
+        """Store the grids (B x C x h x w, any float dtype) of the next B images."""
+        grid = torch.as_tensor(grid).detach().to("cpu", torch.float32)
+        if tuple(grid.shape[1:]) != self.grid_shape:
+            raise ValueError(f"grid of shape {tuple(grid.shape[1:])} does not match the store's "
+                             f"{self.grid_shape}")
+        start, end = self.rows_written, self.rows_written + grid.shape[0]
+        if end > len(self.image_ids):
+            raise ValueError(f"{end} rows appended to a store of {len(self.image_ids)} images")
+        if self._grid is None:
+            self._grid = np.lib.format.open_memmap(self.partial_dir / GRID_FILE, mode="r+")
+            self._pooled = np.lib.format.open_memmap(self.partial_dir / POOLED_FILE, mode="r+")
+        self._grid[start:end] = grid.numpy()
+        # Pooled from the float32 grid, not from its float16 copy.
+        self._pooled[start:end] = grid.mean(dim=(2, 3)).numpy()
+        self.rows_written = end
+        if self.rows_written - self.rows_done >= self.chunk_rows:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Make the written rows durable, then record them in progress.json."""
+        self._grid.flush()
+        self._pooled.flush()
+        # Unmapping after each chunk keeps the writer's memory at one chunk for any split size.
+        self._grid = self._pooled = None
+        write_json(self.partial_dir / PROGRESS_FILE, {
+            "rows_done": self.rows_written, "image_ids": self.image_ids, "config": self.config,
+        }, indent=None)
+        self.rows_done = self.rows_written
+
+    def finish(self) -> Path:
+        """Write index.json and move the complete store into place (replacing an old one)."""
+        if self.rows_written != len(self.image_ids):
+            raise ValueError(f"{self.rows_written} of {len(self.image_ids)} rows written; "
+                             "finish() needs all of them")
+        if self.rows_written > self.rows_done:
+            self._commit()
+        write_json(self.partial_dir / INDEX_FILE, {
+            "image_ids": self.image_ids,
+            "backbone": self.backbone,
+            "input_size": self.input_size,
+            "grid_shape": list(self.grid_shape),
+            "dtype": STORE_DTYPE.name,
+        }, indent=None)
+        (self.partial_dir / PROGRESS_FILE).unlink(missing_ok=True)
+        _replace_directory(self.partial_dir, self.final_dir)
+        return self.final_dir
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Rename ``source`` onto ``target``, as :func:`pipeline.io.atomic_directory` does: an old
+    ``target`` is moved aside first and deleted only once the new one is in place."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,4 @@
+"""Backbones, the two VQA models (LSTM-CNN, MLB), their analysis points, training and loading."""
+from pipeline.models.checkpoint import load_model
+
+__all__ = ["load_model"]

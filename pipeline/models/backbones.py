@@ -1,0 +1,184 @@
+"""Image backbones: frozen convolutional trunks whose last feature map is the ``conv`` analysis
+point (the Grad-CAM layer) and whose spatial mean is the pooled image feature.
+
+- ``scene_resnet``: a small residual CNN pretrained in the pipeline on the synthetic scenes
+  (multi-label presence of shapes, colours and shape-colour pairs through a global-average-pool
+  head, so that CAM is defined for it); the stand-in for ImageNet pretraining.
+- ``resnet152``: torchvision's ResNet-152 with ImageNet weights from the torch hub cache or a
+  file; res5c (14 x 14 x 2048 at 448 x 448) is the grid, as in the MLB and LSTM-CNN papers.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# ImageNet statistics: both backbones see images normalised the same way, so the occlusion
+# patch (the ImageNet mean colour) is exactly zero after normalisation for either.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """A frozen trunk: ``forward(images) -> grid`` (B x C x h x w)."""
+
+    name: str = ""
+    grid_channels: int = 0
+    input_size: int = 0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def freeze(self) -> "Backbone":
+        """Eval mode (BatchNorm uses running statistics) and no parameter gradients. Gradients
+        still flow *through* the trunk to the pixels, which attribution needs."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # A frozen backbone stays in eval mode even inside a model put in training mode.
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return super().train(False if frozen else mode)
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a (projected) shortcut, then ReLU (He et al. 2016).
+
+    ReLUs are modules, not functional calls, so that guided backpropagation can hook them."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(y + self.shortcut(x))
+
+
+class SceneResNet(Backbone):
+    """A 4-stage residual CNN (one block per stage, stride 2 each: grid = input / 16).
+
+    ``classifier`` is the global-average-pool + linear head used for pretraining; CAM
+    (Zhou et al. 2016, M_c = sum_k w_k^c A_k) is defined on it. ``cell_classifier`` (1x1 conv)
+    names what lies under each grid cell; it only serves pretraining (dense supervision teaches
+    shapes far faster than image-level labels)."""
+
+    name = "scene_resnet"
+
+    def __init__(self, channels=(16, 32, 64, 128), input_size: int = 128, num_labels: int = 0,
+                 num_cell_labels: int = 0):
+        super().__init__()
+        self.input_size = int(input_size)
+        self.grid_channels = int(channels[-1])
+        c0 = int(channels[0])
+        self.stem = nn.Sequential(nn.Conv2d(3, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
+        stages, c_in = [], c0
+        for c in channels:
+            stages.append(ResidualBlock(c_in, int(c), stride=2))
+            c_in = int(c)
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(self.grid_channels, num_labels) if num_labels else None
+        self.cell_classifier = nn.Conv2d(self.grid_channels, num_cell_labels, 1) if num_cell_labels else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(images))
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Pretraining logits through the GAP head."""
+        if self.classifier is None:
+            raise RuntimeError("this SceneResNet has no pretraining head (num_labels=0)")
+        return self.classifier(self.pool(self(images)).flatten(1))
+
+
+class ResNet152(Backbone):
+    """torchvision ResNet-152 up to res5c (``layer4``)."""
+
+    name = "resnet152"
+
+    def __init__(self, input_size: int = 448, torchvision_state: dict | None = None):
+        super().__init__()
+        from torchvision.models import resnet152
+
+        net = resnet152(weights=None)
+        if torchvision_state is not None:
+            try:
+                missing, unexpected = net.load_state_dict(torchvision_state, strict=False)
+            except RuntimeError as e:  # right keys, wrong shapes
+                raise ValueError(f"not a torchvision ResNet-152 state dict ({e})") from e
+            if missing or unexpected:
+                raise ValueError("not a torchvision ResNet-152 state dict "
+                                 f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+        self.input_size = int(input_size)
+        self.grid_channels = 2048
+        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                   net.layer1, net.layer2, net.layer3, net.layer4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+
+# File names torchvision's hub cache uses for ResNet-152's ImageNet weights (V1 is the one the
+# papers' era used; V2 is accepted too).
+RESNET152_HUB_FILES = ("resnet152-394f9c45.pth", "resnet152-f82ba261.pth")
+
+
+def find_resnet152_weights(weights: str | None) -> Path:
+    """The weights file to use: ``backbone.weights`` if set, else the torch hub cache.
+    Never falls back to random weights: a missing file is an error that says where to put it."""
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone.weights={weights} does not exist")
+        return path
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in RESNET152_HUB_FILES:
+        if (hub / name).is_file():
+            return hub / name
+    raise FileNotFoundError(
+        "ResNet-152 ImageNet weights not found. Put torchvision's file "
+        f"{RESNET152_HUB_FILES[0]} (https://download.pytorch.org/models/{RESNET152_HUB_FILES[0]}) "
+        f"into {hub}/, or pass backbone.weights=/path/to/resnet152.pth. "
+        "The pipeline never uses random weights in their place.")
+
+
+def build_backbone(cfg) -> Backbone:
+    """The frozen backbone of the ``backbone`` config group, with its trained weights.
+
+    scene_resnet loads the file the ``pretrain_backbone`` stage wrote (``backbone.weights``);
+    resnet152 loads ImageNet weights (:func:`find_resnet152_weights`). A missing file is an
+    error naming the stage to run or the place to put it, never a random initialisation."""
+    if cfg.name == "scene_resnet":
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained scene_resnet weights not found at {path}: run "
+                                    "`python -m pipeline.pretrain_backbone` (or `dvc repro "
+                                    "pretrain_backbone`) first")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = SceneResNet(tuple(saved["channels"]), int(saved["input_size"]), int(saved["num_labels"]),
+                          int(saved.get("num_cell_labels", 0)))
+        net.load_state_dict(saved["state_dict"])
+        if net.input_size != int(cfg.input_size):
+            raise ValueError(f"{path} was pretrained at {net.input_size}px but backbone.input_size "
+                             f"is {cfg.input_size}")
+        return net.freeze()
+    if cfg.name == "resnet152":
+        path = find_resnet152_weights(cfg.get("weights"))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return ResNet152(int(cfg.input_size), state).freeze()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+    raise ValueError(f"unknown backbone {cfg.name!r}; available: scene_resnet, resnet152")

@@ -1,0 +1,67 @@
+"""The end-to-end VQA model: pixels and token ids in, answer logits out.
+
+``VQAModel = backbone (frozen) -> head``. Training runs the head on cached backbone features;
+explaining runs the whole model from pixels. Both use the same head code, so what is explained
+is exactly what was trained.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from pipeline.data.vocab import AnswerVocab, QuestionVocab, tokenize
+from pipeline.models.analysis import AnalysisPoint, analysis_points, warn_degenerate_questions
+from pipeline.models.backbones import Backbone
+from pipeline.models.lstm_cnn import LSTMCNNHead
+from pipeline.models.mlb import MLBHead
+
+HEADS = {"lstm_cnn": LSTMCNNHead, "mlb": MLBHead}
+
+
+def build_head(name: str, arch: dict, vocab_size: int, num_answers: int, image_channels: int) -> nn.Module:
+    """The head of model ``name`` with the architecture sizes of ``arch`` (model.arch config)."""
+    if name not in HEADS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(HEADS)}")
+    return HEADS[name](vocab_size, num_answers, image_channels, **dict(arch))
+
+
+class VQAModel(nn.Module):
+    """``forward(images, question_tokens) -> logits``: images B x 3 x H x W normalised as
+    ``backbone.mean/std``, tokens B x T ids of ``question_vocab`` (0 = padding at the end)."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, question_vocab: QuestionVocab,
+                 answer_vocab: AnswerVocab, max_question_length: int):
+        super().__init__()
+        self.image = AnalysisPoint("image")
+        self.backbone = backbone
+        self.head = head
+        self.question_vocab = question_vocab
+        self.answer_vocab = answer_vocab
+        self.max_question_length = int(max_question_length)
+
+    @property
+    def name(self) -> str:
+        return self.head.name
+
+    def forward(self, images: torch.Tensor, question_tokens: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing() and not self.training:
+            warn_degenerate_questions(question_tokens, self.question_vocab.pad_id,
+                                      self.question_vocab.unk_id)
+        return self.head(self.backbone(self.image(images)), question_tokens)
+
+    def analysis_points(self) -> dict[str, AnalysisPoint]:
+        return analysis_points(self)
+
+    def encode_questions(self, questions: Sequence[str]) -> torch.Tensor:
+        """Token ids, B x T (padded), of questions given as text."""
+        ids = [self.question_vocab.encode(tokenize(q), self.max_question_length) for q in questions]
+        out = torch.zeros(len(ids), max(1, max(map(len, ids), default=1)), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return out
+
+    def answers(self, logits: torch.Tensor) -> list[str]:
+        """The answer strings of the highest-scoring classes."""
+        return [self.answer_vocab.answers[i] for i in logits.argmax(1).tolist()]

@@ -1,0 +1,71 @@
+"""Stage ``pretrain_backbone``: train the scene backbone on the synthetic world, then freeze it.
+
+    python -m pipeline.pretrain_backbone [backbone.pretrain.epochs=N] [paths.root=DIR]
+
+Writes ``${backbone.weights}`` (``models/backbone/scene_resnet.pt``: weights, channels, input
+size, label names) and ``${paths.metrics_dir}/pretrain_backbone.json`` (validation accuracy of
+the presence, count and cell labels per epoch). With ``backbone=resnet152`` there is nothing to train
+(ImageNet weights are used); the stage checks that they are present.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.config import abspath, stage_main
+from pipeline.data.errors import DataError
+from pipeline.data.images import ImageTransform
+from pipeline.data.synthetic import load_ground_truth
+from pipeline.io import atomic_path, write_json
+from pipeline.models.backbones import SceneResNet, find_resnet152_weights
+from pipeline.models.pretraining import (CELL_LABELS, COUNT_LABELS, NUM_CELL_LABELS,
+                                         NUM_LABELS, PRESENCE_LABELS, load_split_tensors,
+                                         pretrain)
+from pipeline.seeding import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    metrics_path = abspath(cfg.paths.metrics_dir) / "pretrain_backbone.json"
+    if cfg.backbone.name == "resnet152":
+        path = find_resnet152_weights(cfg.backbone.get("weights"))
+        log.info("resnet152 uses ImageNet weights from %s; nothing to pretrain", path)
+        return write_json(metrics_path, {"backbone": "resnet152", "weights": str(path)})
+    if cfg.backbone.name != "scene_resnet":
+        raise ValueError(f"pretrain_backbone knows scene_resnet and resnet152, not {cfg.backbone.name!r}")
+    if cfg.data.source != "synthetic":
+        raise DataError("scene_resnet is pretrained on the synthetic world's scene descriptions; "
+                        "for real data use backbone=resnet152", cfg.data.root)
+
+    seed_everything(int(cfg.seed))
+    root = abspath(cfg.data.root)
+    p = cfg.backbone.pretrain
+    net = SceneResNet(tuple(cfg.backbone.channels), int(cfg.backbone.input_size), NUM_LABELS,
+                      NUM_CELL_LABELS)
+    grid = net.input_size // 16  # four stride-2 stages
+    transform = ImageTransform(net.input_size, net.mean, net.std)
+    tensors = {}
+    for key in ("train", "val"):
+        split = cfg.data.splits[key]
+        tensors[key] = load_split_tensors(root, split, load_ground_truth(root, split)["images"],
+                                          transform, grid)
+    history = pretrain(net, tensors["train"], tensors["val"], int(p.epochs), int(p.batch_size),
+                       float(p.lr), float(p.weight_decay), int(cfg.seed), str(p.get("device", "cpu")))
+    net.cpu()
+    with atomic_path(abspath(cfg.backbone.weights)) as tmp:
+        torch.save({"state_dict": net.state_dict(), "channels": list(cfg.backbone.channels),
+                    "input_size": net.input_size, "num_labels": NUM_LABELS,
+                    "num_cell_labels": NUM_CELL_LABELS, "cell_labels": CELL_LABELS,
+                    "presence_labels": PRESENCE_LABELS, "count_labels": COUNT_LABELS}, tmp)
+    metrics = {"backbone": "scene_resnet", "val": history[-1] if history else {}, "history": history}
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()
