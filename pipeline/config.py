@@ -55,9 +55,12 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     return main
 
 
-def resolved_yaml(cfg: DictConfig) -> str:
-    """The config with every interpolation resolved, as saved next to a stage's outputs."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def resolved_yaml(cfg: DictConfig, keys: Sequence[str]) -> str:
+    """The ``keys`` sections of the config, every interpolation resolved, as saved next to a
+    stage's outputs. Only the sections the stage reads: a record of unrelated settings would
+    change the output, and with it every downstream stage, whenever those settings change."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_yaml({key: resolved[key] for key in keys})
 
 
 def abspath(path: str | Path) -> Path:

@@ -14,7 +14,7 @@ Writes ``${paths.processed_dir}/`` (one folder, replaced atomically):
     hat_{train,val}.json        question id -> human attention map files (VQA-HAT layout)
     question_vocab.json, answer_vocab.json
     skipped.json                records skipped under data.on_error=skip (empty otherwise)
-    config.yaml                 the resolved config this stage ran with
+    config.yaml                 the resolved settings this stage ran with (seed, data)
 and ``${paths.metrics_dir}/prepare.json`` (counts, vocabulary coverage, skipped records).
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
         question_vocab.save(tmp / processed.QUESTION_VOCAB)
         answer_vocab.save(tmp / processed.ANSWER_VOCAB)
         policy.write_skipped(tmp / processed.SKIPPED)
-        write_text(tmp / "config.yaml", resolved_yaml(cfg))
+        write_text(tmp / "config.yaml", resolved_yaml(cfg, ["seed", "data"]))
 
     metrics.update({
         "question_vocab_size": len(question_vocab),

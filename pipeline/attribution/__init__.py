@@ -1,0 +1,55 @@
+"""Attribution: one verb, ``explain``, for every method of the four papers.
+
+    from pipeline.attribution import explain
+    maps = explain(model, images, question_tokens, methods=["gradcam", "guided_backprop"])
+    maps["gradcam"].image_map        # B x H x W
+    maps["guided_backprop"].question_map   # B x T
+
+A method is one short module in ``pipeline/attribution/methods/`` registered with
+:func:`pipeline.attribution.base.register`; it reaches the model only through the shared probe.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from pipeline.attribution.base import METHODS, ExplainContext, Explanation, NotApplicable
+from pipeline.attribution.methods import gradcam, guided_backprop, guided_gradcam  # noqa: F401  (registers)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["explain", "available_methods", "Explanation"]
+
+
+def available_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def explain(model, images: torch.Tensor, question_tokens: torch.Tensor,
+            methods: Sequence[str] = ("gradcam",), target: torch.Tensor | None = None,
+            options: dict | None = None) -> dict[str, Explanation]:
+    """Explain ``model``'s answers to (images, question_tokens) with each of ``methods``.
+
+    ``target`` (B,) picks the answer to explain per question; ``None`` explains the predicted
+    one. ``options`` holds method settings by method name (``{"occlusion": {"grid": 16}}``) and
+    the shared ``score`` ("logit" or "probability") and ``upsample`` mode. Methods requested
+    together share passes. A method that does not apply to this model comes back with
+    ``skipped`` set to the reason (and is logged), never as a zero map.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown attribution method(s) {unknown}; available: {available_methods()}")
+    if model.training:
+        raise ValueError("explain a model in eval mode (model.eval()): dropout and batch "
+                         "statistics would make the maps random")
+    ctx = ExplainContext(model, images, question_tokens, target, options)
+    results = {}
+    for name in methods:
+        try:
+            results[name] = METHODS[name](ctx)
+        except NotApplicable as e:
+            log.info("skipping %s: %s", name, e)
+            results[name] = Explanation(name, skipped=str(e))
+    return results

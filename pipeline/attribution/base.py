@@ -1,0 +1,124 @@
+"""What every attribution method returns and the context it works in.
+
+A method is a function ``method(ctx) -> Explanation`` registered under a name with
+:func:`register`; it talks to the model only through ``ctx`` (the shared :class:`Probe` and the
+passes cached on it), so it never knows which model it explains.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as nnf
+
+from pipeline.attribution.probe import Probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Explanation:
+    """One method's answer for a batch.
+
+    ``image_map``: B x H x W non-negative importance at input resolution; ``image_map_raw``: the
+    map at the method's native resolution (a conv grid, signed pixel gradients...);
+    ``question_map``: B x T, one score per token (0 on padding); ``extras``: what the method
+    records on the side (answer flips, neuron rankings, glimpses). ``skipped`` holds the reason
+    when the method does not apply to this model; then there are no maps at all."""
+
+    method: str
+    image_map: torch.Tensor | None = None
+    image_map_raw: torch.Tensor | None = None
+    question_map: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+    skipped: str | None = None
+
+
+class NotApplicable(Exception):
+    """The method does not apply to this model (the message says why)."""
+
+
+MethodFn = Callable[["ExplainContext"], Explanation]
+METHODS: dict[str, MethodFn] = {}
+
+
+def register(name: str) -> Callable[[MethodFn], MethodFn]:
+    def add(fn: MethodFn) -> MethodFn:
+        if name in METHODS:
+            raise ValueError(f"attribution method {name!r} registered twice")
+        METHODS[name] = fn
+        return fn
+    return add
+
+
+class ExplainContext:
+    """The inputs of one ``explain`` call and the passes that methods share."""
+
+    def __init__(self, model, images: torch.Tensor, tokens: torch.Tensor,
+                 target: torch.Tensor | None, options: dict | None = None):
+        self.model = model
+        self.images = images
+        self.tokens = tokens
+        self.options = options or {}
+        self._target = target
+        self._cache: dict = {}
+
+    def option(self, method: str, key: str, default):
+        return self.options.get(method, {}).get(key, default)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        return self.tokens != 0
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The explained answer of each question: given, or the model's prediction."""
+        if self._target is None:
+            self._target = self.gradient_pass()[0].logits.argmax(1).detach()
+        return self._target
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target answers' scores, summed over the batch (examples are independent in eval
+        mode, so its gradient holds every example's own gradient). ``score=logit`` (default) is
+        the answer's pre-softmax score, as Grad-CAM uses; ``score=probability`` its softmax."""
+        kind = self.options.get("score", "logit")
+        values = logits if kind == "logit" else torch.softmax(logits, dim=1)
+        if kind not in ("logit", "probability"):
+            raise ValueError(f"attribution score must be 'logit' or 'probability', got {kind!r}")
+        return values.gather(1, self.target[:, None]).sum()
+
+    def gradient_pass(self) -> tuple[Probe, dict[str, torch.Tensor]]:
+        """One guided forward and one backward of the target score, shared by Grad-CAM, guided
+        backprop and Guided Grad-CAM: gradients at ``image``, ``conv`` and ``q_emb``."""
+        if "gradient" not in self._cache:
+            probe = Probe(self.model, self.images, self.tokens, guided=True)
+            if self._target is None:
+                self._target = probe.logits.argmax(1).detach()
+            names = [n for n in ("image", "conv", "q_emb") if n in probe]
+            self._cache["gradient"] = (probe, dict(zip(names, probe.grad(self.score(probe.logits), names))))
+        return self._cache["gradient"]
+
+    def plain_conv_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, dy/dA) at the ``conv`` point. Taken from the shared guided pass when no ReLU
+        follows ``conv`` (guided ReLUs then cannot touch it), else from a plain pass."""
+        probe, grads = self.gradient_pass()
+        if "conv" not in probe:
+            raise NotApplicable("the model has no 'conv' analysis point")
+        if not probe.relu_after("conv"):
+            return probe["conv"], grads["conv"]
+        if "plain_conv" not in self._cache:
+            plain = Probe(self.model, self.images, self.tokens, guided=False)
+            self._cache["plain_conv"] = (plain["conv"], plain.grad(self.score(plain.logits), ["conv"])[0])
+        return self._cache["plain_conv"]
+
+    def upsample(self, maps: torch.Tensor) -> torch.Tensor:
+        """B x h x w -> B x H x W at input resolution (``upsample`` option: bilinear, nearest)."""
+        mode = self.options.get("upsample", "bilinear")
+        return nnf.interpolate(maps[:, None], size=self.input_size, mode=mode,
+                               **({"align_corners": False} if mode in ("bilinear", "bicubic") else {}))[:, 0]

@@ -1,0 +1,100 @@
+"""The gradient family (Grad-CAM, guided backprop, Guided Grad-CAM) against Captum, the oracle."""
+import pytest
+import torch
+from captum.attr import GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam
+from torch import nn
+
+from pipeline.attribution import available_methods, explain
+from tests.test_models import tiny_model
+
+QUESTIONS = ["what color is the circle", "how many squares", "what"]
+
+
+class ImageOnly(nn.Module):
+    """The model as a function of the pixels alone, as Captum expects."""
+
+    def __init__(self, model, tokens):
+        super().__init__()
+        self.model, self.tokens = model, tokens
+
+    def forward(self, images):
+        return self.model(images, self.tokens)
+
+
+def setup(name, seed=0):
+    model = tiny_model(name, seed)
+    torch.manual_seed(seed + 1)
+    images = torch.randn(len(QUESTIONS), 3, 32, 32)
+    tokens = model.encode_questions(QUESTIONS)
+    target = model(images, tokens).argmax(1)
+    return model, images, tokens, target
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_gradient_family_matches_captum(name):
+    model, images, tokens, target = setup(name)
+    maps = explain(model, images, tokens, methods=["gradcam", "guided_backprop", "guided_gradcam"])
+    wrapper = ImageOnly(model, tokens)
+    conv = model.analysis_points()["conv"]
+
+    cam = LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=True)
+    torch.testing.assert_close(maps["gradcam"].image_map_raw, cam[:, 0], rtol=1e-4, atol=1e-6)
+    upsampled = LayerAttribution.interpolate(cam, (32, 32), interpolate_mode="bilinear")
+    torch.testing.assert_close(maps["gradcam"].image_map, upsampled[:, 0], rtol=1e-4, atol=1e-6)
+
+    guided = GuidedBackprop(wrapper).attribute(images, target=target)
+    torch.testing.assert_close(maps["guided_backprop"].image_map_raw, guided, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(maps["guided_backprop"].image_map, guided.abs().sum(1), rtol=1e-4, atol=1e-7)
+
+    ggc = GuidedGradCam(wrapper, conv).attribute(images, target=target, interpolate_mode="bilinear")
+    torch.testing.assert_close(maps["guided_gradcam"].image_map_raw, ggc, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_guided_backprop_question_map_matches_a_plain_loop(name):
+    model, images, tokens, target = setup(name)
+    maps = explain(model, images, tokens, methods=["guided_backprop"])
+    embedding = model.analysis_points()["q_emb"]
+    for i in range(len(QUESTIONS)):
+        captured = {}
+        handle = embedding.register_forward_hook(lambda m, inp, out: captured.setdefault("e", out))
+        logits = model(images[i:i + 1], tokens[i:i + 1])
+        handle.remove()
+        grad, = torch.autograd.grad(logits[0, target[i]], captured["e"])
+        expected = grad[0].norm(dim=1) * (tokens[i] != 0)
+        torch.testing.assert_close(maps["guided_backprop"].question_map[i], expected, rtol=1e-4, atol=1e-8)
+
+
+def test_methods_share_one_forward_pass():
+    model, images, tokens, target = setup("mlb")
+    calls = []
+    model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    explain(model, images, tokens, methods=["gradcam", "guided_backprop", "guided_gradcam"], target=target)
+    assert len(calls) == 1
+
+
+def test_model_that_ignores_the_question_has_a_zero_question_map():
+    model, images, tokens, target = setup("lstm_cnn")
+    with torch.no_grad():
+        model.head.question_projection.weight.zero_()  # Q = tanh(b): no path from the words
+    maps = explain(model, images, tokens, methods=["guided_backprop"])
+    assert torch.count_nonzero(maps["guided_backprop"].question_map) == 0
+    assert maps["guided_backprop"].image_map.abs().sum() > 0
+
+
+def test_explain_rejects_unknown_methods_and_training_mode():
+    model, images, tokens, _ = setup("mlb")
+    with pytest.raises(ValueError) as e:
+        explain(model, images, tokens, methods=["gradcam", "smoothgrad"])
+    assert "smoothgrad" in str(e.value) and all(m in str(e.value) for m in available_methods())
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        explain(model, images, tokens, methods=["gradcam"])
+
+
+def test_explicit_target_is_explained():
+    model, images, tokens, target = setup("mlb")
+    other = (target + 1) % 4
+    maps = explain(model, images, tokens, methods=["guided_backprop"], target=other)
+    guided = GuidedBackprop(ImageOnly(model, tokens)).attribute(images, target=other)
+    torch.testing.assert_close(maps["guided_backprop"].image_map_raw, guided, rtol=1e-4, atol=1e-7)
