@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 __all__ = [
     "atomic_path",
     "atomic_directory",
+    "replace_directory",
     "write_json",
     "write_text",
     "read_json",
@@ -60,11 +61,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, path)
+
+
+def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder ``source`` onto ``target``. An old ``target`` is moved aside
+    first and deleted only once the new one is in place (a folder cannot be renamed over a
+    non-empty one in one step)."""
+    source, target = Path(source), Path(target)
     old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
-    os.replace(tmp, path)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(source, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Tests never reach the network and never upload: wandb stays offline.
 os.environ.setdefault("WANDB_MODE", "offline")
+# The suite runs in parallel (pytest -n 2 on 2 cores): one torch thread per worker, or the
+# workers' thread pools fight over the cores and tiny models run many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 QUESTIONS = [
     # (question_id, image_id, question, answers, answer_type, question_type)
@@ -69,4 +74,25 @@ def vqa_root(tmp_path) -> Path:
     write_vqa_split(root, "v2", "val2014", val)
     write_hat_maps(root, "vqahat_train", [QUESTIONS[0][0]], 1)
     write_hat_maps(root, "vqahat_val", [q[0] for q in val[:3]], 3)
+    return root
+
+
+TINY_PIPELINE = ["data=synthetic_tiny", "backbone.channels=[8,8,16,16]", "backbone.pretrain.epochs=1",
+                 "logger=csv", "model.optim.max_epochs=2", "model.optim.batch_size=32"]
+
+
+@pytest.fixture(scope="session")
+def trained_world(tmp_path_factory):
+    """A tiny world carried through prepare, pretrain_backbone, extract_features and training of
+    both models (a couple of epochs: enough for non-trivial maps, not for accuracy)."""
+    from pipeline import extract_features, pretrain_backbone, prepare, train
+    from pipeline.config import compose
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = compose([*TINY_PIPELINE, f"paths.root={root}"])
+    prepare.run(cfg)
+    pretrain_backbone.run(cfg)
+    extract_features.run(cfg)
+    for name in ("lstm_cnn", "mlb"):
+        train.run(compose([*TINY_PIPELINE, f"paths.root={root}", f"model={name}"]))
     return root

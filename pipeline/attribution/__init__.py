@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from pipeline.attribution.base import METHODS, ExplainContext, Explanation, NotApplicable
-from pipeline.attribution.methods import gradcam, guided_backprop, guided_gradcam  # noqa: F401  (registers)
+import pipeline.attribution.methods  # noqa: F401  (imports and so registers every method)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,13 @@ def explain(model, images: torch.Tensor, question_tokens: torch.Tensor,
                          "statistics would make the maps random")
     ctx = ExplainContext(model, images, question_tokens, target, options)
     results = {}
-    for name in methods:
-        try:
-            results[name] = METHODS[name](ctx)
-        except NotApplicable as e:
-            log.info("skipping %s: %s", name, e)
-            results[name] = Explanation(name, skipped=str(e))
+    # Gradient methods need autograd even when the caller runs under no_grad (as Lightning's
+    # predict loop does); methods that need none use inference mode inside.
+    with torch.enable_grad():
+        for name in methods:
+            try:
+                results[name] = METHODS[name](ctx)
+            except NotApplicable as e:
+                log.info("skipping %s: %s", name, e)
+                results[name] = Explanation(name, skipped=str(e))
     return results

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 class Explanation:
     """One method's answer for a batch.
 
-    ``image_map``: B x H x W non-negative importance at input resolution; ``image_map_raw``: the
+    ``image_map``: B x H x W importance at input resolution (signed where the method's is:
+    occlusion's probability drops, CAM; evaluation takes |map| as Goyal et al.); ``image_map_raw``: the
     map at the method's native resolution (a conv grid, signed pixel gradients...);
     ``question_map``: B x T, one score per token (0 on padding); ``extras``: what the method
     records on the side (answer flips, neuron rankings, glimpses). ``skipped`` holds the reason
@@ -80,7 +81,11 @@ class ExplainContext:
     def target(self) -> torch.Tensor:
         """The explained answer of each question: given, or the model's prediction."""
         if self._target is None:
-            self._target = self.gradient_pass()[0].logits.argmax(1).detach()
+            if "gradient" in self._cache:
+                self._target = self._cache["gradient"][0].logits.argmax(1).detach()
+            else:  # a plain forward: methods without gradients need no backward for this
+                with torch.no_grad():
+                    self._target = self.model(self.images, self.tokens).argmax(1)
         return self._target
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:

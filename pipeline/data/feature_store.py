@@ -22,7 +22,6 @@ import logging
 import mmap
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.data.errors import MissingDataError
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, replace_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -300,17 +299,5 @@ class FeatureStoreWriter:
             "dtype": STORE_DTYPE.name,
         }, indent=None)
         (self.partial_dir / PROGRESS_FILE).unlink(missing_ok=True)
-        _replace_directory(self.partial_dir, self.final_dir)
+        replace_directory(self.partial_dir, self.final_dir)
         return self.final_dir
-
-
-def _replace_directory(source: Path, target: Path) -> None:
-    """Rename ``source`` onto ``target``, as :func:`pipeline.io.atomic_directory` does: an old
-    ``target`` is moved aside first and deleted only once the new one is in place."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

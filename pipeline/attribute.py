@@ -1,0 +1,213 @@
+"""Stage ``attribute``: explain a trained model's answers on the validation questions with every
+configured method.
+
+    python -m pipeline.attribute model=mlb [attribution.methods=[gradcam,occlusion]]
+                                 [attribution.limit=200] [trainer=ddp]
+
+Runs as Lightning's ``trainer.predict``: each process explains its share of the images (all
+questions of an image stay together, so occlusion computes an image's occluded copies once) and
+writes one shard per batch keyed by question id; rank 0 merges them. The same command therefore
+runs data-parallel over GPUs or nodes with ``trainer=ddp`` and gives the same arrays.
+
+Writes ``${paths.attributions_dir}/<model>/`` (see :mod:`pipeline.attribution.store`) and
+``${paths.metrics_dir}/attribute_<model>.json`` (counts, accuracy of the explained answers, skipped
+methods with their reasons, questions with non-finite maps per method).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline.attribution import explain
+from pipeline.attribution.store import SHARDS, explanation_arrays, merge_shards, write_shard
+from pipeline.config import abspath, stage_main
+from pipeline.data import processed
+from pipeline.data.answers import vqa_accuracy
+from pipeline.data.images import ImageTransform
+from pipeline.data.vqa_format import load_image
+from pipeline.io import write_json
+from pipeline.models import load_model
+from pipeline.seeding import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+class ImageGroupedQuestions(Dataset):
+    """Item i = every question of the i-th image (so a batch never splits an image)."""
+
+    def __init__(self, records: list[dict], data_root: Path, transform: ImageTransform, max_length: int):
+        self.groups: list[list[dict]] = []
+        for r in sorted(records, key=lambda r: (r["image_id"], r["question_id"])):
+            if self.groups and self.groups[-1][0]["image_id"] == r["image_id"]:
+                self.groups[-1].append(r)
+            else:
+                self.groups.append([r])
+        self.data_root, self.transform, self.max_length = data_root, transform, max_length
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        image = self.transform(load_image(self.data_root / self.groups[i][0]["image"]))
+        return [{"record": r, "image": image} for r in self.groups[i]]
+
+
+def collate_questions(groups: list[list[dict]], max_length: int) -> dict:
+    items = [item for group in groups for item in group]
+    tokens = torch.zeros(len(items), max_length, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids = item["record"]["token_ids"][:max_length]
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return {"images": torch.stack([item["image"] for item in items]), "tokens": tokens,
+            "records": [item["record"] for item in items]}
+
+
+class ExplainModule(pl.LightningModule):
+    """predict_step = the model's answers plus ``explain`` with every configured method."""
+
+    def __init__(self, model, methods: list[str], options: dict):
+        super().__init__()
+        self.model = model.eval()
+        self.methods = list(methods)
+        self.options = options
+        self.method_info: dict[str, dict] = {}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        images, tokens = batch["images"], batch["tokens"]
+        with torch.no_grad():
+            probabilities = torch.softmax(self.model(images, tokens), dim=1)
+        confidence, predicted = probabilities.max(1)
+        results = explain(self.model, images, tokens, methods=self.methods, target=predicted,
+                          options=self.options)
+        per_method = {}
+        for name, explanation in results.items():
+            arrays, info = explanation_arrays(explanation, len(images))
+            per_method[name] = arrays
+            known = self.method_info.setdefault(name, {"nonfinite_questions": 0})
+            known["nonfinite_questions"] += info.pop("nonfinite_questions", 0)
+            known.update(info)
+        rows = []
+        for record, answer_id, p in zip(batch["records"], predicted.tolist(), confidence.tolist()):
+            answer = self.model.answer_vocab.answers[answer_id]
+            accuracy = vqa_accuracy(answer, record["answers"]) if record["answers"] else None
+            rows.append({"question_id": record["question_id"], "image_id": record["image_id"],
+                         "question": record["question"], "tokens": record["tokens"],
+                         "answer_type": record["answer_type"], "predicted": answer,
+                         "probability": p, "accuracy": accuracy,
+                         "correct": None if accuracy is None else accuracy > 0})
+        return {"question_ids": np.array([r["question_id"] for r in rows]), "rows": rows,
+                "per_method": per_method}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes every predicted batch to ``<out>/.shards/rank<r>_batch<b>.npz`` right away, so
+    memory stays at one batch and a multi-process run needs no gathering of tensors."""
+
+    def __init__(self, out_dir: Path, total_questions: int):
+        super().__init__(write_interval="batch")
+        self.shard_dir = out_dir / SHARDS
+        self.total = total_questions
+        self.bar = None
+        self.start = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=self.total, desc=f"explaining (rank {trainer.global_rank})", unit="q")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        write_shard(self.shard_dir, f"rank{trainer.global_rank}_batch{batch_idx:06d}",
+                    prediction["question_ids"], prediction["rows"], prediction["per_method"])
+        self.bar.update(len(prediction["rows"]))
+        self.bar.set_postfix(q_per_s=f"{self.bar.n / (time.perf_counter() - self.start):.2f}", refresh=False)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.bar.close()
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    seed_everything(int(cfg.seed))
+    a = cfg.attribution
+    processed_dir = abspath(cfg.paths.processed_dir)
+    question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
+    model = load_model(abspath(cfg.paths.models_dir) / str(cfg.model.name) / "model.pt",
+                       question_vocab=question_vocab, answer_vocab=answer_vocab)
+    records = processed.load_question_table(processed_dir, str(a.split))
+    records.sort(key=lambda r: (r["image_id"], r["question_id"]))
+    if a.limit:
+        records = records[:int(a.limit)]
+    options = OmegaConf.to_container(a.options, resolve=True)
+    options.update(score=str(a.score), upsample=str(a.upsample))
+
+    out_dir = abspath(cfg.paths.attributions_dir) / str(cfg.model.name)
+    t = cfg.trainer
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                         strategy=t.strategy, precision="32-true", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         inference_mode=False,  # the methods need gradients
+                         use_distributed_sampler=False,  # images are split by rank below
+                         callbacks=[])
+    rank, world = trainer.global_rank, trainer.world_size
+    if rank == 0 and out_dir.exists():
+        shutil.rmtree(out_dir)  # a half-written store from a killed run must not survive
+    trainer.strategy.barrier()
+    dataset = ImageGroupedQuestions(records, abspath(cfg.data.root),
+                                    ImageTransform(model.backbone.input_size, model.backbone.mean,
+                                                   model.backbone.std),
+                                    int(cfg.data.max_question_length))
+    dataset.groups = dataset.groups[rank::world]  # this process's images
+    images_per_batch = max(1, int(a.batch_size) // max(1, max(len(g) for g in dataset.groups)))
+    loader = DataLoader(dataset, batch_size=images_per_batch, shuffle=False,
+                        num_workers=int(t.num_workers),
+                        collate_fn=functools.partial(collate_questions,
+                                                     max_length=int(cfg.data.max_question_length)))
+    writer = ShardWriter(out_dir, sum(len(g) for g in dataset.groups))
+    trainer.callbacks.append(writer)
+    module = ExplainModule(model, list(a.methods), options)
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return {}
+    index = merge_shards(out_dir, list(a.methods), module.method_info,
+                         {"model": str(cfg.model.name), "data": str(cfg.data.name),
+                          "split": str(a.split), "options": options})
+    (out_dir / SHARDS).rmdir()
+    questions = index["questions"]
+    scored = [q["accuracy"] for q in questions if q["accuracy"] is not None]
+    metrics = {
+        "model": str(cfg.model.name),
+        "questions": len(questions),
+        "vqa_accuracy": float(np.mean(scored)) if scored else None,
+        "methods": {m: {k: v for k, v in info.items() if k in ("skipped", "nonfinite_questions")}
+                    for m, info in index["methods"].items()},
+    }
+    for m, info in metrics["methods"].items():
+        if info.get("skipped"):
+            log.info("%s skipped: %s", m, info["skipped"])
+        if info.get("nonfinite_questions"):
+            log.warning("%s: %d question(s) with non-finite maps (marked invalid in the store)",
+                        m, info["nonfinite_questions"])
+    write_json(abspath(cfg.paths.metrics_dir) / f"attribute_{cfg.model.name}.json", metrics)
+    seconds = time.perf_counter() - start
+    log.info("explained %d questions with %d methods in %.0f s (%.2f questions/s)", len(questions),
+             len(a.methods), seconds, len(questions) / seconds)
+    return metrics
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The attribution store that the ``attribute`` stage writes and the evaluation stages read.
+
+    <attributions_dir>/<model>/index.json     model, data, methods (skip reasons, array names,
+                                              non-finite counts) and one row per question:
+                                              ids, question, answer type, predicted answer,
+                                              its probability, VQA accuracy, correct or not
+    <attributions_dir>/<model>/<method>.npz   arrays in index order (compressed): image_map
+                                              (N x H x W), image_map_raw (float16), question_map
+                                              (N x T), the method's per-question extras
+                                              (``extra/<name>``) and ``valid`` (N: all finite)
+
+While the stage runs, each rank writes one shard per batch into ``.shards/`` keyed by question
+id; :func:`merge_shards` sorts them by question id into the files above, so the result does not
+depend on how many processes computed it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.attribution.base import Explanation
+from pipeline.data.errors import DataError
+from pipeline.io import atomic_path, read_json, write_json
+
+INDEX = "index.json"
+SHARDS = ".shards"
+MAP_KEYS = ("image_map", "image_map_raw", "question_map")
+
+
+def flatten_extras(extras: dict, batch: int, prefix: str = "extra/") -> tuple[dict, dict]:
+    """Split a method's extras into per-question arrays (tensors whose first dim is the batch)
+    and everything else (kept as JSON: notes, labels)."""
+    arrays, other = {}, {}
+    for key, value in extras.items():
+        if isinstance(value, dict):
+            a, o = flatten_extras(value, batch, f"{prefix}{key}/")
+            arrays.update(a)
+            other.update(o)
+        elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            arrays[f"{prefix}{key}"] = value.detach().cpu().numpy()
+        elif isinstance(value, (str, int, float, bool)) or value is None:
+            other[f"{prefix}{key}"] = value
+    return arrays, other
+
+
+def explanation_arrays(explanation: Explanation, batch: int) -> tuple[dict, dict]:
+    """Per-question numpy arrays of one explanation (maps, extras, ``valid``) and its JSON
+    side information (skip reason, non-array extras, non-finite count)."""
+    if explanation.skipped:
+        return {}, {"skipped": explanation.skipped}
+    arrays = {}
+    for key in MAP_KEYS:
+        value = getattr(explanation, key)
+        if value is not None:
+            arrays[key] = value.detach().cpu().float().numpy()
+    extras, other = flatten_extras(explanation.extras, batch)
+    finite = np.ones(batch, bool)
+    for a in arrays.values():
+        finite &= np.isfinite(a.reshape(batch, -1)).all(1)
+    arrays["image_map_raw"] = arrays["image_map_raw"].astype(np.float16) if "image_map_raw" in arrays else None
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    arrays.update(extras)
+    arrays["valid"] = finite
+    other["nonfinite_questions"] = int((~finite).sum())
+    return arrays, other
+
+
+def write_shard(shard_dir: Path, name: str, question_ids: np.ndarray, rows: list[dict],
+                per_method: dict[str, dict]) -> Path:
+    """One batch of one rank: arrays of every method, keyed ``<method>/<array>``."""
+    # The per-question rows travel as JSON strings: npz holds only arrays, and no pickles.
+    payload = {"question_ids": question_ids, "rows": np.array([json.dumps(r) for r in rows])}
+    for method, arrays in per_method.items():
+        for key, value in arrays.items():
+            payload[f"{method}/{key}"] = value
+    with atomic_path(Path(shard_dir) / f"{name}.npz") as tmp:
+        np.savez(tmp, **payload)
+    return Path(shard_dir) / f"{name}.npz"
+
+
+def merge_shards(out_dir: Path, methods: list[str], method_info: dict, meta: dict) -> dict:
+    """Merge every shard in ``out_dir/.shards`` into the store files, sorted by question id
+    (duplicates, which padding may produce, are dropped)."""
+    shard_files = sorted((out_dir / SHARDS).glob("*.npz"))
+    if not shard_files:
+        raise DataError("no attribution shards to merge", out_dir / SHARDS)
+    shards = [np.load(f, allow_pickle=False) for f in shard_files]
+    qids = np.concatenate([s["question_ids"] for s in shards])
+    rows = [json.loads(str(r)) for s in shards for r in s["rows"]]
+    _, order = np.unique(qids, return_index=True)  # first row of each id, by ascending id
+    index = {**meta, "methods": {}, "questions": [rows[i] for i in order]}
+    for method in methods:
+        info = dict(method_info.get(method, {}))
+        keys = sorted({k.split("/", 1)[1] for s in shards for k in s.files if k.startswith(f"{method}/")})
+        if not keys:
+            index["methods"][method] = {**info, "arrays": []}
+            continue
+        arrays = {k: np.concatenate([s[f"{method}/{k}"] for s in shards])[order] for k in keys}
+        with atomic_path(out_dir / f"{method}.npz") as tmp:
+            np.savez_compressed(tmp, question_ids=qids[order], **arrays)
+        info["nonfinite_questions"] = int((~arrays["valid"]).sum()) if "valid" in arrays else 0
+        index["methods"][method] = {**info, "arrays": keys}
+    write_json(out_dir / INDEX, index)
+    for f in shard_files:
+        f.unlink()
+    return index
+
+
+def load_index(attribution_dir: Path) -> dict:
+    path = Path(attribution_dir) / INDEX
+    if not path.is_file():
+        raise DataError("no attributions here: run `python -m pipeline.attribute model=<model>` "
+                        "(or `dvc repro attribute`) first", path)
+    return read_json(path)
+
+
+def load_method(attribution_dir: Path, method: str) -> dict[str, np.ndarray]:
+    """Arrays of one method (``question_ids``, ``image_map``...), in index order."""
+    index = load_index(attribution_dir)
+    info = index["methods"].get(method)
+    if info is None:
+        raise DataError(f"method {method!r} was not run; the store has {sorted(index['methods'])}",
+                        attribution_dir)
+    if info.get("skipped"):
+        raise DataError(f"method {method!r} was skipped for this model: {info['skipped']}",
+                        attribution_dir)
+    path = Path(attribution_dir) / f"{method}.npz"
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    if len(arrays["question_ids"]) == 0:
+        raise DataError(f"the attribution store of {method!r} is empty: rerun `python -m "
+                        "pipeline.attribute`", path)
+    return arrays

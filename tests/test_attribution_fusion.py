@@ -1,0 +1,243 @@
+"""Fusion-level methods (Hadamard visualisation, question-gated Grad-CAM) and the two baselines
+(the model's attention, a random map), each against a hand-written computation."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+
+from pipeline.attribution import explain
+from tests.test_models import tiny_model
+
+# Real-token counts 5, 3, 1 and 2: padding in every row but the first, and a one-word question.
+QUESTIONS = ["what color is the circle", "how many squares", "what", "what color"]
+JOINT = 16  # tiny_model's fusion width
+FOUR = ["hadamard", "gated_gradcam", "attention", "random"]
+
+
+def setup(name, seed=0):
+    model = tiny_model(name, seed)
+    torch.manual_seed(seed + 1)
+    images = torch.randn(len(QUESTIONS), 3, 32, 32)
+    tokens = model.encode_questions(QUESTIONS)
+    return model, images, tokens
+
+
+def capture(model, names):
+    """Forward hooks on analysis points: returns (store, handles)."""
+    store, points = {}, model.analysis_points()
+    handles = [points[n].register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, o))
+               for n in names]
+    return store, handles
+
+
+def guided_hook(module, grad_input, grad_output):
+    # As Captum's GuidedBackprop: clamp the ReLU's input gradient at 0.
+    return tuple(None if g is None else g.clamp(min=0) for g in grad_input)
+
+
+def hadamard_by_hand(model, images, tokens, guided=True):
+    """Per example: (V - F) dV/dI through guided ReLUs, and (Q - F) dQ/dq_emb, plain."""
+    grad_v, grad_q = [], []
+    for i in range(len(images)):
+        hooks = [m.register_full_backward_hook(guided_hook)
+                 for m in model.modules() if isinstance(m, nn.ReLU)] if guided else []
+        store, handles = capture(model, ["V", "F"])
+        x = images[i:i + 1].clone().requires_grad_(True)
+        model(x, tokens[i:i + 1])
+        for h in handles + hooks:
+            h.remove()
+        g, = torch.autograd.grad(store["V"], x, grad_outputs=(store["V"] - store["F"]).detach())
+        grad_v.append(g[0])
+
+        store, handles = capture(model, ["Q", "F", "q_emb"])
+        model(images[i:i + 1], tokens[i:i + 1])
+        for h in handles:
+            h.remove()
+        g, = torch.autograd.grad(store["Q"], store["q_emb"],
+                                 grad_outputs=(store["Q"] - store["F"]).detach())
+        grad_q.append(g[0])
+    return torch.stack(grad_v), torch.stack(grad_q)
+
+
+# ---------------------------------------------------------------- Hadamard (Kim & Zhang)
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_hadamard_gradients_match_a_hand_written_loop(name):
+    model, images, tokens = setup(name)
+    result = explain(model, images, tokens, methods=["hadamard"])["hadamard"]
+    grad_v, grad_q = hadamard_by_hand(model, images, tokens)
+    scale_v, scale_q = grad_v.abs().max(), grad_q.abs().max()
+    assert scale_v > 0 and scale_q > 0
+    torch.testing.assert_close(result.image_map_raw, grad_v, rtol=1e-4, atol=1e-6 * scale_v)
+    torch.testing.assert_close(result.extras["question_gradient"], grad_q, rtol=1e-4, atol=1e-6 * scale_q)
+    # The guided ReLUs matter: the plain gradient is a different map.
+    plain_v, _ = hadamard_by_hand(model, images, tokens, guided=False)
+    assert not torch.allclose(plain_v, grad_v, rtol=1e-2, atol=1e-3 * scale_v)
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_hadamard_post_processing_matches_numpy(name):
+    model, images, tokens = setup(name)
+    result = explain(model, images, tokens, methods=["hadamard"])["hadamard"]
+
+    g = result.image_map_raw.numpy().astype(np.float64)
+    standardised = (g - g.mean(axis=(2, 3), keepdims=True)) / g.std(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(result.image_map.numpy(), np.abs(standardised).sum(1), rtol=1e-4, atol=1e-5)
+
+    gq = result.extras["question_gradient"].numpy().astype(np.float64)
+    real = (tokens != 0).numpy()
+    sums = np.abs(gq).sum(2) * real
+    np.testing.assert_allclose(result.extras["token_saliency"].numpy(), sums, rtol=1e-5, atol=1e-10)
+    expected = np.zeros_like(sums)
+    for b in range(len(sums)):
+        s = sums[b, real[b]]
+        if len(s) > 1:
+            expected[b, real[b]] = (s - s.mean()) / s.std()
+    np.testing.assert_allclose(result.question_map.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_hadamard_token_zscores_are_standardised_over_real_tokens(name):
+    model, images, tokens = setup(name)
+    result = explain(model, images, tokens, methods=["hadamard"])["hadamard"]
+    z = result.question_map
+    real = tokens != 0
+    assert torch.all(z[~real] == 0)
+    for b in range(len(z)):
+        values = z[b, real[b]].double()
+        if len(values) > 1:
+            assert abs(values.mean().item()) < 1e-5
+            assert abs(values.std(correction=0).item() - 1) < 1e-4
+        else:  # one real word: nothing to compare it with
+            assert torch.all(values == 0)
+    assert result.image_map.shape == (len(QUESTIONS), 32, 32) and result.image_map.min() >= 0
+
+
+# ---------------------------------------------------------------- question-gated Grad-CAM
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_gated_gradcam_with_every_neuron_is_gradcam(name):
+    model, images, tokens = setup(name)
+    for n in (JOINT, 1000):
+        maps = explain(model, images, tokens, methods=["gradcam", "gated_gradcam"],
+                       options={"gated_gradcam": {"top_n": n}})
+        gated, plain = maps["gated_gradcam"], maps["gradcam"]
+        assert plain.image_map_raw.abs().sum() > 0
+        torch.testing.assert_close(gated.image_map_raw, plain.image_map_raw, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gated.image_map, plain.image_map, rtol=1e-6, atol=1e-9)
+        assert gated.extras["top_neurons"].shape == (len(QUESTIONS), JOINT)
+    # Also when gated_gradcam runs alone (its own passes, same target).
+    alone = explain(model, images, tokens, methods=["gated_gradcam"],
+                    options={"gated_gradcam": {"top_n": JOINT}})["gated_gradcam"]
+    torch.testing.assert_close(alone.image_map_raw, plain.image_map_raw, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_gated_gradcam_neuron_scores_match_a_loop_over_neurons(name):
+    model, images, tokens = setup(name)
+    result = explain(model, images, tokens, methods=["gated_gradcam"])["gated_gradcam"]
+    scores = result.extras["neuron_scores"]
+    assert scores.shape == (len(QUESTIONS), JOINT)
+    expected = torch.zeros(len(QUESTIONS), JOINT)
+    for b in range(len(QUESTIONS)):
+        store, handles = capture(model, ["F", "q"])
+        model(images[b:b + 1], tokens[b:b + 1])
+        for h in handles:
+            h.remove()
+        for i in range(JOINT):
+            g, = torch.autograd.grad(store["F"][0, i], store["q"], retain_graph=True)
+            expected[b, i] = g.abs().sum()
+    assert expected.min() > 0
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-8)
+
+    # Default n = 10: the ten best neurons by score, best first.
+    order = np.argsort(-scores.numpy(), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(result.extras["top_neurons"].numpy(), order)
+    np.testing.assert_array_equal(result.extras["top_values"].numpy(),
+                                  np.take_along_axis(scores.numpy(), order, axis=1))
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_gated_gradcam_with_one_neuron_differs_from_gradcam(name):
+    model, images, tokens = setup(name)
+    maps = explain(model, images, tokens, methods=["gradcam", "gated_gradcam"],
+                   options={"gated_gradcam": {"top_n": 1}})
+    gated, plain = maps["gated_gradcam"].image_map_raw, maps["gradcam"].image_map_raw
+    assert maps["gated_gradcam"].extras["top_neurons"].shape == (len(QUESTIONS), 1)
+    assert any(not torch.allclose(gated[b], plain[b], rtol=1e-3, atol=1e-6) for b in range(len(gated)))
+
+
+# ---------------------------------------------------------------- baselines
+
+def test_attention_is_the_models_alpha():
+    model, images, tokens = setup("mlb")
+    store, handles = capture(model, ["alpha"])
+    with torch.no_grad():
+        model(images, tokens)
+    for h in handles:
+        h.remove()
+    alpha = store["alpha"]  # B x G x S, S = 2 x 2 cells
+    result = explain(model, images, tokens, methods=["attention"])["attention"]
+    B, G, _ = alpha.shape
+    torch.testing.assert_close(result.image_map_raw, alpha.reshape(B, G, 2, 2), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(result.image_map_raw.sum(dim=(2, 3)), torch.ones(B, G))
+    mean = nnf.interpolate(alpha.mean(1).reshape(B, 1, 2, 2), size=(32, 32), mode="bilinear",
+                           align_corners=False)[:, 0]
+    torch.testing.assert_close(result.image_map, mean, rtol=1e-5, atol=1e-7)
+    glimpses = result.extras["glimpses"]
+    assert glimpses.shape == (B, G, 32, 32)
+    torch.testing.assert_close(glimpses.mean(1), result.image_map, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(glimpses[:, 0], glimpses[:, 1])
+
+
+def test_attention_is_skipped_for_a_model_without_attention():
+    model, images, tokens = setup("lstm_cnn")
+    result = explain(model, images, tokens, methods=["attention"])["attention"]
+    assert result.skipped and "attention" in result.skipped
+    assert result.image_map is None and result.image_map_raw is None and result.question_map is None
+
+
+def test_random_baseline_is_seeded_and_respects_padding():
+    model, images, tokens = setup("mlb")
+
+    def run(seed=None):
+        torch.manual_seed(1234 if seed is None else seed + 99)  # the global RNG must not matter
+        options = {} if seed is None else {"random": {"seed": seed}}
+        return explain(model, images, tokens, methods=["random"], options=options)["random"]
+
+    a, b, c, default = run(3), run(3), run(4), run()
+    torch.testing.assert_close(a.image_map_raw, b.image_map_raw, rtol=0, atol=0)
+    torch.testing.assert_close(a.question_map, b.question_map, rtol=0, atol=0)
+    torch.testing.assert_close(default.image_map_raw, run(0).image_map_raw, rtol=0, atol=0)
+    assert not torch.equal(a.image_map_raw, c.image_map_raw)
+    assert not torch.equal(a.question_map, c.question_map)
+    assert a.image_map_raw.shape == (len(QUESTIONS), 2, 2) and a.image_map.shape == (len(QUESTIONS), 32, 32)
+    assert a.image_map_raw.min() >= 0 and a.image_map_raw.max() < 1
+    real = tokens != 0
+    assert torch.all(a.question_map[~real] == 0) and torch.all(a.question_map[real] > 0)
+
+
+# ---------------------------------------------------------------- through explain
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_all_four_through_explain_share_one_forward(name):
+    model, images, tokens = setup(name)
+    calls = []
+    model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    maps = explain(model, images, tokens, methods=FOUR)
+    assert len(calls) == 1  # one shared (guided) forward for all four
+    B, T = tokens.shape
+    for method in FOUR:
+        result = maps[method]
+        if name == "lstm_cnn" and method == "attention":
+            assert result.skipped
+            continue
+        assert result.skipped is None, method
+        assert result.image_map.shape == (B, 32, 32), method
+        assert torch.isfinite(result.image_map).all() and result.image_map.min() >= 0, method
+        assert not result.image_map.requires_grad, method
+        if result.question_map is not None:
+            assert result.question_map.shape == (B, T)
+            assert torch.all(result.question_map[tokens == 0] == 0), method
+    assert maps["hadamard"].question_map is not None and maps["random"].question_map is not None
