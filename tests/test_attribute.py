@@ -14,7 +14,7 @@ from pipeline.config import compose
 from pipeline.data.errors import DataError
 from tests.conftest import TINY_PIPELINE
 
-FAST = ["attribution.methods=[gradcam,guided_backprop,guided_gradcam,occlusion,attention,cam,hadamard]",
+FAST = ["attribution.methods=[gradcam,guided_backprop,guided_gradcam,occlusion,attention,cam,hadamard,random]",
         "attribution.options.occlusion.grid=4"]
 
 
@@ -79,7 +79,7 @@ def test_ddp_gives_the_same_arrays_as_one_process(trained_world):
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert store.load_index(single / "mlb")["questions"] == store.load_index(ddp / "mlb")["questions"]
-    for method in ("gradcam", "occlusion", "hadamard"):
+    for method in ("gradcam", "occlusion", "hadamard", "random"):
         a, b = store.load_method(single / "mlb", method), store.load_method(ddp / "mlb", method)
         assert sorted(a) == sorted(b)
         for key in a:

@@ -241,3 +241,18 @@ def test_all_four_through_explain_share_one_forward(name):
             assert result.question_map.shape == (B, T)
             assert torch.all(result.question_map[tokens == 0] == 0), method
     assert maps["hadamard"].question_map is not None and maps["random"].question_map is not None
+
+
+def test_random_maps_do_not_depend_on_batching():
+    from pipeline.attribution import explain
+    from tests.test_models import tiny_model
+
+    model = tiny_model("mlb")
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 32, 32)
+    tokens = model.encode_questions(["what color is the circle", "how many squares", "what"])
+    together = explain(model, images, tokens, methods=["random"])["random"]
+    for i in range(3):
+        alone = explain(model, images[i:i + 1], tokens[i:i + 1, :], methods=["random"])["random"]
+        torch.testing.assert_close(alone.image_map_raw[0], together.image_map_raw[i])
+    assert not torch.equal(together.image_map_raw[0], together.image_map_raw[1])
