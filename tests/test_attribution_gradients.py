@@ -2,23 +2,12 @@
 import pytest
 import torch
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam
-from torch import nn
 
 from pipeline.attribution import available_methods, explain
+from pipeline.bench import ImageOnly  # the model as a function of the pixels, as Captum expects
 from tests.test_models import tiny_model
 
 QUESTIONS = ["what color is the circle", "how many squares", "what"]
-
-
-class ImageOnly(nn.Module):
-    """The model as a function of the pixels alone, as Captum expects."""
-
-    def __init__(self, model, tokens):
-        super().__init__()
-        self.model, self.tokens = model, tokens
-
-    def forward(self, images):
-        return self.model(images, self.tokens)
 
 
 def setup(name, seed=0):

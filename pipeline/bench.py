@@ -1,0 +1,335 @@
+"""Benchmark: our attribution methods against plain autograd and against Captum, side by side.
+
+    python -m pipeline.bench [model=mlb] [bench.questions=24] [bench.repeats=3]
+
+Loads ``${paths.models_dir}/<model>/model.pt``, takes the first ``bench.questions`` validation
+questions (by image id, then question id), fixes torch's thread count and times, on the same
+inputs in one run (median of ``bench.repeats`` runs after one warm-up; milliseconds per question):
+
+1. ``baseline``: one forward and one backward of the predicted logit to the pixels (autograd);
+2. ``ours_gradient_family``: ``explain`` with Grad-CAM, guided backprop and Guided Grad-CAM together;
+3. ``captum_gradient_family``: Captum's LayerGradCam, GuidedBackprop and GuidedGradCam, three calls;
+4. word occlusion: ours = ``explain(methods=["occlusion"])`` with a 1 x 1 grid (its word dropping
+   plus the original pass and one one-patch image occlusion: reported as is, nothing subtracted);
+   Captum = ``Occlusion`` over the word-embedding output (``q_emb``), window (1, E), baseline 0.
+   Not the same perturbation: Captum replaces a word's embedding by zeros, ours removes the word;
+5. image occlusion: ours (grid G, the ImageNet-mean patch = 0 normalised) against Captum's
+   ``Occlusion`` on the pixels with windows = strides = (3, H/G, W/G), baseline 0, on
+   probabilities, for each ``bench.perturbations_per_eval`` (Captum's best counts). The two maps
+   are compared (they must agree to 1e-4 relative).
+
+Captum gets the predicted answers as ``target`` (computed once, outside the timings), as its API
+requires; our gradient family finds them in its own pass, our occlusion is given them too.
+
+Writes ``${paths.metrics_dir}/bench.json`` (times, ratios with their targets and whether each is
+met, the map agreement, threads, model, N) and prints a short table.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam, Occlusion
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pipeline.attribution import explain
+from pipeline.config import abspath, stage_main
+from pipeline.io import write_json
+
+log = logging.getLogger(__name__)
+
+GRADIENT_FAMILY = ["gradcam", "guided_backprop", "guided_gradcam"]
+DEFAULTS = {"split": "val", "questions": 24, "repeats": 3, "batch_size": 4, "threads": None,
+            "grid": 16, "perturbations_per_eval": [1, 16, 64, 256]}
+# ratio name -> (numerator, denominator, comparison, target)
+TARGETS = {
+    "ours_gradient_family/baseline": ("ours_gradient_family", "baseline", "<=", 1.3),
+    "captum_three/ours_gradient_family": ("captum_gradient_family", "ours_gradient_family", ">=", 2.0),
+    "captum_word_occlusion/ours_word_dropping": ("captum_word_occlusion", "ours_word_dropping", ">=", 10.0),
+    "captum_best_image_occlusion/ours_image_occlusion": ("captum_best_image_occlusion",
+                                                         "ours_image_occlusion", ">=", 1.0),
+}
+AGREEMENT_RTOL, AGREEMENT_ATOL = 1e-4, 1e-6
+
+
+class ImageOnly(nn.Module):
+    """The model as a function of the pixels alone, as Captum expects."""
+
+    def __init__(self, model, tokens):
+        super().__init__()
+        self.model, self.tokens = model, tokens
+
+    def forward(self, images):
+        return self.model(images, self.tokens)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """(median seconds of ``repeats`` runs after one warm-up run, the last run's result)."""
+    result = fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+# --- the measured computations, each over a list of (images, tokens, target) batches ---
+
+def baseline(model, batches):
+    out = []
+    for images, tokens, _ in batches:
+        pixels = images.clone().requires_grad_(True)
+        logits = model(pixels, tokens)
+        score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+        out.append(torch.autograd.grad(score, pixels)[0])
+    return out
+
+
+def ours_gradient_family(model, batches):
+    return [explain(model, images, tokens, methods=GRADIENT_FAMILY) for images, tokens, _ in batches]
+
+
+def captum_gradient_family(model, batches):
+    out = []
+    for images, tokens, target in batches:
+        wrapper = ImageOnly(model, tokens)
+        conv = model.analysis_points()["conv"]
+        cam = LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=True)
+        guided = GuidedBackprop(wrapper).attribute(images, target=target)
+        ggc = GuidedGradCam(wrapper, conv).attribute(images, target=target, interpolate_mode="bilinear")
+        out.append((cam, guided, ggc))
+    return out
+
+
+def ours_occlusion(model, batches, grid):
+    return [explain(model, images, tokens, methods=["occlusion"], target=target,
+                    options={"occlusion": {"grid": grid}})["occlusion"]
+            for images, tokens, target in batches]
+
+
+def captum_word_occlusion(model, batches):
+    """Captum's Occlusion on the word embeddings: each token's embedding (window 1 x E) replaced
+    by zeros, the rest of the model run from the embeddings through a hook on ``q_emb``."""
+    point = model.analysis_points()["q_emb"]
+
+    def probabilities(embeddings, images, tokens):
+        handle = point.register_forward_hook(lambda module, inputs, out: embeddings)
+        try:
+            return torch.softmax(model(images, tokens), dim=1)
+        finally:
+            handle.remove()
+
+    out = []
+    for images, tokens, target in batches:
+        captured = {}
+        handle = point.register_forward_hook(lambda module, inputs, o: captured.setdefault("e", o))
+        with torch.no_grad():
+            model(images, tokens)
+        handle.remove()
+        embeddings = captured["e"]
+        out.append(Occlusion(probabilities).attribute(
+            embeddings, sliding_window_shapes=(1, embeddings.shape[2]),
+            strides=(1, embeddings.shape[2]), baselines=0.0, target=target,
+            additional_forward_args=(images, tokens)))
+    return out
+
+
+def captum_image_occlusion(model, batches, grid, perturbations_per_eval):
+    def probabilities(images, tokens):
+        return torch.softmax(model(images, tokens), dim=1)
+
+    out = []
+    for images, tokens, target in batches:
+        ph, pw = images.shape[2] // grid, images.shape[3] // grid
+        window = (images.shape[1], ph, pw)
+        out.append(Occlusion(probabilities).attribute(
+            images, sliding_window_shapes=window, strides=window, baselines=0.0, target=target,
+            additional_forward_args=(tokens,), perturbations_per_eval=perturbations_per_eval))
+    return out
+
+
+def _difference(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    ours, theirs = ours.detach().float(), theirs.detach().float()
+    diff = (ours - theirs).abs()
+    scale = theirs.abs().max().item()
+    return {"max_abs_difference": diff.max().item(),
+            "max_abs_value": scale,
+            "max_relative_difference": diff.max().item() / scale if scale > 0 else 0.0,
+            "agrees": bool(torch.allclose(ours, theirs, rtol=AGREEMENT_RTOL, atol=AGREEMENT_ATOL))}
+
+
+def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3, batch_size: int = 4,
+            grid: int = 16, perturbations_per_eval: Sequence[int] = (1, 16, 64, 256)) -> dict:
+    """Time every computation on the same (images, tokens) (N questions) and compare the maps.
+    Returns the ``bench.json`` body without the run's description (model name, config)."""
+    if model.training:
+        raise ValueError("benchmark a model in eval mode")
+    n = len(images)
+    with torch.no_grad():
+        targets = torch.cat([model(images[s:s + batch_size], tokens[s:s + batch_size]).argmax(1)
+                             for s in range(0, n, batch_size)])
+    batches = [(images[s:s + batch_size], tokens[s:s + batch_size], targets[s:s + batch_size])
+               for s in range(0, n, batch_size)]
+
+    def ms(seconds):
+        return 1000.0 * seconds / n
+
+    times, results = {}, {}
+    for name, fn in [
+        ("baseline", lambda: baseline(model, batches)),
+        ("ours_gradient_family", lambda: ours_gradient_family(model, batches)),
+        ("captum_gradient_family", lambda: captum_gradient_family(model, batches)),
+        ("ours_word_dropping", lambda: ours_occlusion(model, batches, grid=1)),
+        ("captum_word_occlusion", lambda: captum_word_occlusion(model, batches)),
+        ("ours_image_occlusion", lambda: ours_occlusion(model, batches, grid=grid)),
+    ]:
+        seconds, results[name] = timed(fn, repeats)
+        times[name] = ms(seconds)
+        log.info("%s: %.1f ms per question", name, times[name])
+    captum_image = {}
+    for ppe in perturbations_per_eval:
+        seconds, results[f"captum_image_occlusion_{ppe}"] = timed(
+            lambda: captum_image_occlusion(model, batches, grid, int(ppe)), repeats)
+        captum_image[str(ppe)] = ms(seconds)
+        log.info("captum_image_occlusion (perturbations_per_eval=%d): %.1f ms per question", ppe,
+                 captum_image[str(ppe)])
+    best_ppe = min(captum_image, key=captum_image.get)
+    times["captum_image_occlusion_by_perturbations_per_eval"] = captum_image
+    times["captum_best_image_occlusion"] = captum_image[best_ppe]
+
+    ratios = {}
+    for name, (num, den, comparison, target) in TARGETS.items():
+        value = times[num] / times[den]
+        ratios[name] = {"value": value, "target": target, "comparison": comparison,
+                        "meets_target": bool(value <= target if comparison == "<=" else value >= target)}
+
+    # Agreement: our image occlusion map against each Captum run (every channel holds the same
+    # value); the gradient family against Captum's three maps.
+    ours_image = torch.cat([e.image_map for e in results["ours_image_occlusion"]])
+    image_agreement = {}
+    for ppe in perturbations_per_eval:
+        theirs = torch.cat(results[f"captum_image_occlusion_{ppe}"])
+        image_agreement[str(ppe)] = _difference(ours_image[:, None].expand_as(theirs), theirs)
+    worst = max(image_agreement.values(), key=lambda d: d["max_relative_difference"])
+    ours_family, captum_family = results["ours_gradient_family"], results["captum_gradient_family"]
+    gradient_agreement = {
+        "gradcam": _difference(torch.cat([m["gradcam"].image_map_raw for m in ours_family]),
+                               torch.cat([c[0][:, 0] for c in captum_family])),
+        "guided_backprop": _difference(torch.cat([m["guided_backprop"].image_map_raw for m in ours_family]),
+                                       torch.cat([c[1] for c in captum_family])),
+        "guided_gradcam": _difference(torch.cat([m["guided_gradcam"].image_map_raw for m in ours_family]),
+                                      torch.cat([c[2] for c in captum_family])),
+    }
+    return {
+        "questions": n,
+        "repeats": int(repeats),
+        "batch_size": int(batch_size),
+        "threads": torch.get_num_threads(),
+        "image_size": list(images.shape[-2:]),
+        "question_length": int(tokens.shape[1]),
+        "grid": int(grid),
+        "ms_per_question": {**times, "captum_best_perturbations_per_eval": int(best_ppe)},
+        "ratios": ratios,
+        "agreement": {
+            "image_occlusion": {**worst, "rtol": AGREEMENT_RTOL, "atol": AGREEMENT_ATOL,
+                                "by_perturbations_per_eval": image_agreement},
+            "gradient_family": gradient_agreement,
+        },
+        "notes": {
+            "timing": "median of `repeats` runs after one warm-up run, whole set of N questions in "
+                      "batches of `batch_size`, divided by N",
+            "targets": "Captum and our occlusion get the predicted answers as target (computed "
+                       "once, untimed); the baseline and our gradient family find them in their "
+                       "own forward pass",
+            "ours_word_dropping": "explain(methods=['occlusion'], options grid=1): word dropping "
+                                  "plus the original pass and one one-patch image occlusion; "
+                                  "reported as is, nothing subtracted",
+            "captum_word_occlusion": "Captum Occlusion on the q_emb output, window (1, E), "
+                                     "baseline 0: a word's embedding is replaced by zeros (every "
+                                     "position, padding included), whereas ours removes the word "
+                                     "and shifts the rest; the maps are therefore not compared",
+            "image_occlusion": "ours: grid G, patch = ImageNet mean (0 normalised); Captum: "
+                               "window = stride = (3, H/G, W/G), baseline 0, softmax "
+                               "probabilities; best of perturbations_per_eval counts",
+        },
+    }
+
+
+def load_questions(cfg: DictConfig, model, split: str, limit: int):
+    """The first ``limit`` questions of ``split`` (by image id, then question id) as
+    (images N x 3 x S x S, tokens N x T)."""
+    from pipeline.data import processed
+    from pipeline.data.images import ImageTransform
+    from pipeline.data.vqa_format import load_image
+
+    records = processed.load_question_table(abspath(cfg.paths.processed_dir), split)
+    records = sorted(records, key=lambda r: (r["image_id"], r["question_id"]))[:limit]
+    transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
+    root = abspath(cfg.data.root)
+    loaded = {}
+    images = []
+    for r in records:
+        if r["image"] not in loaded:
+            loaded[r["image"]] = transform(load_image(root / r["image"]))
+        images.append(loaded[r["image"]])
+    length = int(cfg.data.max_question_length)
+    tokens = torch.zeros(len(records), length, dtype=torch.long)
+    for row, r in enumerate(records):
+        ids = r["token_ids"][:length]
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return torch.stack(images), tokens
+
+
+def format_table(result: dict) -> str:
+    t = result["ms_per_question"]
+    rows = [("baseline (forward + input gradient)", t["baseline"]),
+            ("ours: gradcam + guided_backprop + guided_gradcam", t["ours_gradient_family"]),
+            ("captum: LayerGradCam + GuidedBackprop + GuidedGradCam", t["captum_gradient_family"]),
+            ("ours: word dropping (occlusion, grid 1)", t["ours_word_dropping"]),
+            ("captum: Occlusion on word embeddings", t["captum_word_occlusion"]),
+            (f"ours: image occlusion (grid {result['grid']})", t["ours_image_occlusion"])]
+    rows += [(f"captum: image Occlusion, perturbations_per_eval={p}", v)
+             for p, v in t["captum_image_occlusion_by_perturbations_per_eval"].items()]
+    lines = [f"{result['model']}: {result['questions']} questions, {result['threads']} threads, "
+             f"median of {result['repeats']}", f"{'':56s} ms/question"]
+    lines += [f"{name:56s} {value:10.1f}" for name, value in rows]
+    for name, r in result["ratios"].items():
+        lines.append(f"{name:56s} {r['value']:10.2f}  (target {r['comparison']} {r['target']}: "
+                     f"{'met' if r['meets_target'] else 'NOT met'})")
+    a = result["agreement"]["image_occlusion"]
+    lines.append(f"image occlusion vs Captum: max |diff| {a['max_abs_difference']:.2e}, relative "
+                 f"{a['max_relative_difference']:.2e}, agrees={a['agrees']}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict:
+    from pipeline.models import load_model
+
+    b = {**DEFAULTS, **OmegaConf.to_container(cfg.get("bench", {}) or {}, resolve=True)}
+    threads = int(b["threads"] or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    name = str(cfg.model.name)
+    model = load_model(abspath(cfg.paths.models_dir) / name / "model.pt").eval()
+    images, tokens = load_questions(cfg, model, str(b["split"]), int(b["questions"]))
+    log.info("benchmarking %s on %d %s questions with %d threads", name, len(images), b["split"], threads)
+    body = measure(model, images, tokens, repeats=int(b["repeats"]), batch_size=int(b["batch_size"]),
+                   grid=int(b["grid"]), perturbations_per_eval=[int(p) for p in b["perturbations_per_eval"]])
+    result = {"model": name, "data": str(cfg.data.name), "split": str(b["split"]),
+              "torch": torch.__version__, **body}
+    path = write_json(abspath(cfg.paths.metrics_dir) / "bench.json", result)
+    print(format_table(result))
+    print(f"wrote {path}")
+    return result
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()
