@@ -36,8 +36,6 @@ from pipeline.models.backbones import Backbone, build_backbone
 
 log = logging.getLogger(__name__)
 
-# Written by prepare next to the processed tables: the resolved config the data came from.
-PROCESSED_CONFIG = "config.yaml"
 
 
 def weights_sha256(backbone: Backbone) -> str:
@@ -86,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
     backbone = build_backbone(cfg.backbone).to(device)
     grid_shape = grid_shape_of(backbone, device)
     processed_dir = abspath(cfg.paths.processed_dir)
-    processed_config = processed_dir / PROCESSED_CONFIG
+    processed_config = processed_dir / processed.CONFIG
     if not processed_config.is_file():
         raise MissingDataError("processed data not found: run `python -m pipeline.prepare` with "
                                "the same data= and paths.root settings", processed_config)

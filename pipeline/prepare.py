@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
         question_vocab.save(tmp / processed.QUESTION_VOCAB)
         answer_vocab.save(tmp / processed.ANSWER_VOCAB)
         policy.write_skipped(tmp / processed.SKIPPED)
-        write_text(tmp / "config.yaml", resolved_yaml(cfg, ["seed", "data"]))
+        write_text(tmp / processed.CONFIG, resolved_yaml(cfg, ["seed", "data"]))
 
     metrics.update({
         "question_vocab_size": len(question_vocab),

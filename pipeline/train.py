@@ -76,8 +76,7 @@ def run(cfg: DictConfig) -> dict:
     val_records = processed.load_question_table(processed_dir, "val")
     module = VQALightningModule(metadata, optim, backbone.grid_channels,
                                 val_answers=[r["answers"] for r in val_records],
-                                val_answer_types=[r["answer_type"] for r in val_records],
-                                val_question_ids=[r["question_id"] for r in val_records])
+                                val_answer_types=[r["answer_type"] for r in val_records])
     datamodule = VQADataModule(processed_dir, abspath(cfg.paths.features_dir), module.head.feature_kind,
                                answer_vocab, int(cfg.data.max_question_length), int(optim["batch_size"]),
                                int(cfg.trainer.num_workers), int(cfg.seed))

@@ -60,8 +60,8 @@ def explanation_arrays(explanation: Explanation, batch: int) -> tuple[dict, dict
     finite = np.ones(batch, bool)
     for a in arrays.values():
         finite &= np.isfinite(a.reshape(batch, -1)).all(1)
-    arrays["image_map_raw"] = arrays["image_map_raw"].astype(np.float16) if "image_map_raw" in arrays else None
-    arrays = {k: v for k, v in arrays.items() if v is not None}
+    if "image_map_raw" in arrays:  # the largest array (pixels x channels); half precision suffices
+        arrays["image_map_raw"] = arrays["image_map_raw"].astype(np.float16)
     arrays.update(extras)
     arrays["valid"] = finite
     other["nonfinite_questions"] = int((~finite).sum())

@@ -31,6 +31,7 @@ def hat_file(processed_dir: Path, split_key: str) -> Path:
 QUESTION_VOCAB = "question_vocab.json"
 ANSWER_VOCAB = "answer_vocab.json"
 SKIPPED = "skipped.json"
+CONFIG = "config.yaml"  # the settings prepare ran with (seed, data)
 
 
 def _read(path: Path) -> dict:

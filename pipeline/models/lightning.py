@@ -28,8 +28,7 @@ class VQALightningModule(pl.LightningModule):
     checkpoint's hyper-parameters, so a checkpoint alone rebuilds the model."""
 
     def __init__(self, metadata: dict, optim: dict, image_channels: int,
-                 val_answers: list[list[str]] | None = None, val_answer_types: list[str] | None = None,
-                 val_question_ids: list[int] | None = None):
+                 val_answers: list[list[str]] | None = None, val_answer_types: list[str] | None = None):
         super().__init__()
         self.save_hyperparameters({**metadata, "optim": dict(optim), "image_channels": int(image_channels)})
         self.optim = dict(optim)
@@ -40,7 +39,6 @@ class VQALightningModule(pl.LightningModule):
         # Human answers of the validation questions, for the official accuracy (by dataset index).
         self.val_answers = val_answers or []
         self.val_answer_types = val_answer_types or []
-        self.val_question_ids = val_question_ids or []
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(features, tokens)
