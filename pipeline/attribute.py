@@ -76,8 +76,9 @@ def collate_questions(groups: list[list[dict]], max_length: int) -> dict:
 class ExplainModule(pl.LightningModule):
     """predict_step = the model's answers plus ``explain`` with every configured method."""
 
-    def __init__(self, model, methods: list[str], options: dict):
+    def __init__(self, model, methods: list[str], options: dict, pixel_channels: bool = False):
         super().__init__()
+        self.pixel_channels = pixel_channels
         self.model = model.eval()
         self.methods = list(methods)
         self.options = options
@@ -92,10 +93,11 @@ class ExplainModule(pl.LightningModule):
                           options=self.options)
         per_method = {}
         for name, explanation in results.items():
-            arrays, info = explanation_arrays(explanation, len(images))
+            arrays, info = explanation_arrays(explanation, len(images), self.pixel_channels)
             per_method[name] = arrays
-            known = self.method_info.setdefault(name, {"nonfinite_questions": 0})
+            known = self.method_info.setdefault(name, {"nonfinite_questions": 0, "seconds": 0.0})
             known["nonfinite_questions"] += info.pop("nonfinite_questions", 0)
+            known["seconds"] += explanation.seconds
             known.update(info)
         rows = []
         for record, answer_id, p in zip(batch["records"], predicted.tolist(), confidence.tolist()):
@@ -145,6 +147,8 @@ def run(cfg: DictConfig) -> dict:
     question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
     model = load_model(abspath(cfg.paths.models_dir) / str(cfg.model.name) / "model.pt",
                        question_vocab=question_vocab, answer_vocab=answer_vocab)
+    if cfg.backbone.get("channels_last"):
+        model.backbone.to(memory_format=torch.channels_last)
     records = processed.load_question_table(processed_dir, str(a.split))
     records.sort(key=lambda r: (r["image_id"], r["question_id"]))
     if a.limit:
@@ -176,11 +180,14 @@ def run(cfg: DictConfig) -> dict:
                                                      max_length=int(cfg.data.max_question_length)))
     writer = ShardWriter(out_dir, sum(len(g) for g in dataset.groups))
     trainer.callbacks.append(writer)
-    module = ExplainModule(model, list(a.methods), options)
+    module = ExplainModule(model, list(a.methods), options, bool(a.get("store_pixel_channels", False)))
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return {}
+    # Times go to the metrics and the log, not into the store: the store must be identical run
+    # to run.
+    method_seconds = {m: info.pop("seconds", 0.0) for m, info in module.method_info.items()}
     index = merge_shards(out_dir, list(a.methods), module.method_info,
                          {"model": str(cfg.model.name), "data": str(cfg.data.name),
                           "split": str(a.split), "options": options})
@@ -194,7 +201,10 @@ def run(cfg: DictConfig) -> dict:
         "methods": {m: {k: v for k, v in info.items() if k in ("skipped", "nonfinite_questions")}
                     for m, info in index["methods"].items()},
     }
+    explained_here = max(1, sum(len(g) for g in dataset.groups))  # rank 0's share of the questions
     for m, info in metrics["methods"].items():
+        info["ms_per_question"] = round(1000 * method_seconds.get(m, 0.0) / explained_here, 2)
+        log.info("%s: %.1f ms per question", m, info["ms_per_question"])
         if info.get("skipped"):
             log.info("%s skipped: %s", m, info["skipped"])
         if info.get("nonfinite_questions"):
@@ -202,6 +212,7 @@ def run(cfg: DictConfig) -> dict:
                         m, info["nonfinite_questions"])
     write_json(abspath(cfg.paths.metrics_dir) / f"attribute_{cfg.model.name}.json", metrics)
     seconds = time.perf_counter() - start
+    metrics["seconds"] = round(seconds, 1)
     log.info("explained %d questions with %d methods in %.0f s (%.2f questions/s)", len(questions),
              len(a.methods), seconds, len(questions) / seconds)
     return metrics

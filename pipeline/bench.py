@@ -9,8 +9,8 @@ inputs in one run (median of ``bench.repeats`` runs after one warm-up; milliseco
 1. ``baseline``: one forward and one backward of the predicted logit to the pixels (autograd);
 2. ``ours_gradient_family``: ``explain`` with Grad-CAM, guided backprop and Guided Grad-CAM together;
 3. ``captum_gradient_family``: Captum's LayerGradCam, GuidedBackprop and GuidedGradCam, three calls;
-4. word occlusion: ours = ``explain(methods=["occlusion"])`` with a 1 x 1 grid (its word dropping
-   plus the original pass and one one-patch image occlusion: reported as is, nothing subtracted);
+4. word occlusion: ours = ``explain(methods=["occlusion"])`` with ``modalities=[question]`` (the
+   original pass, one backbone pass per distinct image, plus word dropping on its grid);
    Captum = ``Occlusion`` over the word-embedding output (``q_emb``), window (1, E), baseline 0.
    Not the same perturbation: Captum replaces a word's embedding by zeros, ours removes the word;
 5. image occlusion: ours (grid G, the ImageNet-mean patch = 0 normalised) against Captum's
@@ -44,7 +44,7 @@ from pipeline.io import write_json
 log = logging.getLogger(__name__)
 
 GRADIENT_FAMILY = ["gradcam", "guided_backprop", "guided_gradcam"]
-DEFAULTS = {"split": "val", "questions": 24, "repeats": 3, "batch_size": 4, "threads": None,
+DEFAULTS = {"split": "val", "questions": 12, "repeats": 2, "batch_size": 4, "threads": None,
             "grid": 16, "perturbations_per_eval": [1, 16, 64, 256]}
 # ratio name -> (numerator, denominator, comparison, target)
 TARGETS = {
@@ -107,9 +107,10 @@ def captum_gradient_family(model, batches):
     return out
 
 
-def ours_occlusion(model, batches, grid):
+def ours_occlusion(model, batches, grid, modality):
+    options = {"occlusion": {"grid": grid, "modalities": [modality]}}
     return [explain(model, images, tokens, methods=["occlusion"], target=target,
-                    options={"occlusion": {"grid": grid}})["occlusion"]
+                    options=options)["occlusion"]
             for images, tokens, target in batches]
 
 
@@ -185,9 +186,9 @@ def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3,
         ("baseline", lambda: baseline(model, batches)),
         ("ours_gradient_family", lambda: ours_gradient_family(model, batches)),
         ("captum_gradient_family", lambda: captum_gradient_family(model, batches)),
-        ("ours_word_dropping", lambda: ours_occlusion(model, batches, grid=1)),
+        ("ours_word_dropping", lambda: ours_occlusion(model, batches, grid, "question")),
         ("captum_word_occlusion", lambda: captum_word_occlusion(model, batches)),
-        ("ours_image_occlusion", lambda: ours_occlusion(model, batches, grid=grid)),
+        ("ours_image_occlusion", lambda: ours_occlusion(model, batches, grid, "image")),
     ]:
         seconds, results[name] = timed(fn, repeats)
         times[name] = ms(seconds)
@@ -247,9 +248,9 @@ def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3,
             "targets": "Captum and our occlusion get the predicted answers as target (computed "
                        "once, untimed); the baseline and our gradient family find them in their "
                        "own forward pass",
-            "ours_word_dropping": "explain(methods=['occlusion'], options grid=1): word dropping "
-                                  "plus the original pass and one one-patch image occlusion; "
-                                  "reported as is, nothing subtracted",
+            "ours_word_dropping": "explain(methods=['occlusion'], modalities=[question]): the "
+                                  "original pass (backbone once per distinct image) plus word "
+                                  "dropping on its grid",
             "captum_word_occlusion": "Captum Occlusion on the q_emb output, window (1, E), "
                                      "baseline 0: a word's embedding is replaced by zeros (every "
                                      "position, padding included), whereas ours removes the word "
@@ -291,7 +292,7 @@ def format_table(result: dict) -> str:
     rows = [("baseline (forward + input gradient)", t["baseline"]),
             ("ours: gradcam + guided_backprop + guided_gradcam", t["ours_gradient_family"]),
             ("captum: LayerGradCam + GuidedBackprop + GuidedGradCam", t["captum_gradient_family"]),
-            ("ours: word dropping (occlusion, grid 1)", t["ours_word_dropping"]),
+            ("ours: word dropping (occlusion, question only)", t["ours_word_dropping"]),
             ("captum: Occlusion on word embeddings", t["captum_word_occlusion"]),
             (f"ours: image occlusion (grid {result['grid']})", t["ours_image_occlusion"])]
     rows += [(f"captum: image Occlusion, perturbations_per_eval={p}", v)
@@ -317,11 +318,15 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.get("seed", 0)))
     name = str(cfg.model.name)
     model = load_model(abspath(cfg.paths.models_dir) / name / "model.pt").eval()
+    channels_last = bool(cfg.backbone.get("channels_last"))
+    if channels_last:  # for ours and Captum alike
+        model.backbone.to(memory_format=torch.channels_last)
     images, tokens = load_questions(cfg, model, str(b["split"]), int(b["questions"]))
     log.info("benchmarking %s on %d %s questions with %d threads", name, len(images), b["split"], threads)
     body = measure(model, images, tokens, repeats=int(b["repeats"]), batch_size=int(b["batch_size"]),
                    grid=int(b["grid"]), perturbations_per_eval=[int(p) for p in b["perturbations_per_eval"]])
     result = {"model": name, "data": str(cfg.data.name), "split": str(b["split"]),
+              "channels_last": channels_last,
               "torch": torch.__version__, **body}
     path = write_json(abspath(cfg.paths.metrics_dir) / "bench.json", result)
     print(format_table(result))

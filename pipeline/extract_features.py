@@ -82,6 +82,8 @@ def extract_split(backbone: Backbone, dataset: ImageFolderDataset, writer: Featu
 def run(cfg: DictConfig) -> dict:
     device = resolve_device(str(cfg.extract.device))
     backbone = build_backbone(cfg.backbone).to(device)
+    if cfg.backbone.get("channels_last"):
+        backbone.to(memory_format=torch.channels_last)
     grid_shape = grid_shape_of(backbone, device)
     processed_dir = abspath(cfg.paths.processed_dir)
     processed_config = processed_dir / processed.CONFIG

@@ -53,7 +53,8 @@ def run(cfg: DictConfig) -> dict:
         tensors[key] = load_split_tensors(root, split, load_ground_truth(root, split)["images"],
                                           transform, grid)
     history = pretrain(net, tensors["train"], tensors["val"], int(p.epochs), int(p.batch_size),
-                       float(p.lr), float(p.weight_decay), int(cfg.seed), str(p.get("device", "cpu")))
+                       float(p.lr), float(p.weight_decay), int(cfg.seed), str(p.get("device", "cpu")),
+                       channels_last=bool(cfg.backbone.get("channels_last")))
     net.cpu()
     with atomic_path(abspath(cfg.backbone.weights)) as tmp:
         torch.save({"state_dict": net.state_dict(), "channels": list(cfg.backbone.channels),

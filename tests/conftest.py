@@ -96,3 +96,24 @@ def trained_world(tmp_path_factory):
     for name in ("lstm_cnn", "mlb"):
         train.run(compose([*TINY_PIPELINE, f"paths.root={root}", f"model={name}"]))
     return root
+
+
+@pytest.fixture(scope="session")
+def explained_world(trained_world):
+    """``trained_world`` plus the attribute stage of both models on every validation question
+    with every configured method (the default store layout under
+    ``<root>/attributions/synthetic_tiny/<model>``). Evaluation stages read it; tests that need
+    to change it must copy it first."""
+    from pipeline import attribute
+    from pipeline.config import compose
+
+    for name in ("lstm_cnn", "mlb"):
+        attribute.run(compose([*TINY_PIPELINE, f"paths.root={trained_world}", f"model={name}"]))
+    return trained_world
+
+
+def evaluation_config(root, *overrides):
+    """The evaluation stages' config on a world made by the fixtures above."""
+    from pipeline.config import compose
+
+    return compose([*TINY_PIPELINE, f"paths.root={root}", *overrides])

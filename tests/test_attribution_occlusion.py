@@ -5,6 +5,7 @@ from captum.attr import Occlusion
 from torch import nn
 
 from pipeline.attribution import explain
+from pipeline.attribution.base import ExplainContext
 from tests.test_models import tiny_model
 
 QUESTIONS = ["what color is the circle", "how many squares", "what", "what color"]
@@ -93,11 +94,8 @@ def test_patch_value_and_batch_size():
         occlusion(model, images, tokens, grid=4, patch_value=(0.5, 1.0))
 
 
-@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
-def test_question_map_matches_a_plain_loop(name):
-    model, images, tokens = setup(name)
-    ours = occlusion(model, images, tokens, grid=2)
-    target = model(images, tokens).argmax(1)
+def word_dropping_by_hand(model, images, tokens, target):
+    """p(a | I, Q) - p(a | I, Q without word t), one full forward per question and word."""
     expected = torch.zeros(tokens.shape)
     with torch.no_grad():
         for b in range(len(tokens)):
@@ -107,6 +105,14 @@ def test_question_map_matches_a_plain_loop(name):
                 rest = words[:t] + words[t + 1:] or [0]  # an empty question is one padding token
                 p = torch.softmax(model(images[b:b + 1], torch.tensor([rest])), 1)[0, target[b]]
                 expected[b, t] = p0 - p
+    return expected
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_question_map_matches_a_plain_loop(name):
+    model, images, tokens = setup(name)
+    ours = occlusion(model, images, tokens, grid=2)
+    expected = word_dropping_by_hand(model, images, tokens, model(images, tokens).argmax(1))
     assert expected.abs().max() > 1e-2
     torch.testing.assert_close(ours.question_map, expected, rtol=1e-4, atol=1e-6)
     assert (ours.question_map[tokens == 0] == 0).all()
@@ -137,13 +143,41 @@ def test_flips_are_the_answers_that_change(name):
     assert counts["image"].sum() + counts["question"].sum() > 0  # some occlusion does flip
 
 
-def backbone_batches(model):
-    sizes = []
-    model.backbone.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
-    return sizes
+@pytest.fixture
+def backbone_batches(monkeypatch):
+    """Batch sizes of every backbone pass: the model's own and occlusion's BN-folded copy."""
+    def watch(model):
+        sizes = []
+
+        def record(module, inputs, output):
+            sizes.append(len(inputs[0]))
+
+        model.backbone.register_forward_hook(record)
+        model.backbone._watched = True
+        fold = ExplainContext.inference_backbone
+
+        def watched(self, fold_batchnorm=True):
+            backbone = fold(self, fold_batchnorm)
+            if not getattr(backbone, "_watched", False):
+                backbone.register_forward_hook(record)
+                backbone._watched = True
+            return backbone
+
+        monkeypatch.setattr(ExplainContext, "inference_backbone", watched)
+        return sizes
+    return watch
 
 
-def test_patches_over_blank_background_change_nothing():
+def test_folded_backbone_computes_the_same_features():
+    model, images, tokens = setup("mlb")
+    folded = ExplainContext(model, images, tokens, None).inference_backbone()
+    assert folded is not model.backbone
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model.backbone(images), rtol=1e-4, atol=1e-5)
+
+
+def test_patches_over_blank_background_change_nothing(backbone_batches):
     model, images, tokens = setup("mlb")
     images[:, :, :, :16] = 0  # the normalised mean colour over the two left patch columns
     sizes = backbone_batches(model)
@@ -159,7 +193,7 @@ def test_patches_over_blank_background_change_nothing():
     assert (grey.image_map_raw[:, :, :2] != 0).any()
 
 
-def test_backbone_runs_each_occluded_copy_once():
+def test_backbone_runs_each_occluded_copy_once(backbone_batches):
     model, images, tokens = setup("mlb")
     image, question = images[:1], tokens[:1]
     target = model(image, question).argmax(1)
@@ -172,12 +206,32 @@ def test_backbone_runs_each_occluded_copy_once():
             options={"occlusion": {"grid": 4}})
     assert sizes == [1, 16]  # word dropping reuses the original grid
 
-    # Two questions about one image (a copy, not the same storage): its copies run once.
+    # Two questions about one image (a copy, not the same storage): its original grid and its
+    # copies run once.
     sizes.clear()
     both = occlusion(model, image.repeat(2, 1, 1, 1), tokens[:2], grid=4, batch_size=5)
-    assert sizes == [2, 2, 5, 5, 5, 1]
+    assert sizes == [2, 1, 5, 5, 5, 1]
     alone = occlusion(model, image, tokens[1:2], grid=4)
     torch.testing.assert_close(both.image_map_raw[1], alone.image_map_raw[0], rtol=1e-4, atol=1e-6)
+
+
+def test_one_modality_alone_skips_the_other(backbone_batches):
+    model, images, tokens = setup("mlb")
+    target = model(images, tokens).argmax(1)
+    full = explain(model, images, tokens, ["occlusion"], target=target)["occlusion"]
+    sizes = backbone_batches(model)
+    words = explain(model, images, tokens, ["occlusion"], target=target,
+                    options={"occlusion": {"modalities": ["question"]}})["occlusion"]
+    assert sizes == [len(torch.unique(images.flatten(1), dim=0))]  # the original pass only
+    assert words.image_map is None and "image_flips" not in words.extras
+    torch.testing.assert_close(words.question_map, full.question_map)
+    patches = explain(model, images, tokens, ["occlusion"], target=target,
+                      options={"occlusion": {"modalities": ["image"]}})["occlusion"]
+    assert patches.question_map is None and "question_flips" not in patches.extras
+    torch.testing.assert_close(patches.image_map, full.image_map)
+    with pytest.raises(ValueError, match="modalities"):
+        explain(model, images, tokens, ["occlusion"], target=target,
+                options={"occlusion": {"modalities": ["audio"]}})
 
 
 def test_grid_must_tile_the_image():

@@ -11,6 +11,7 @@ A method is one short module in ``pipeline/attribution/methods/`` registered wit
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import torch
@@ -50,9 +51,11 @@ def explain(model, images: torch.Tensor, question_tokens: torch.Tensor,
     # predict loop does); methods that need none use inference mode inside.
     with torch.enable_grad():
         for name in methods:
+            start = time.perf_counter()
             try:
                 results[name] = METHODS[name](ctx)
             except NotApplicable as e:
                 log.info("skipping %s: %s", name, e)
                 results[name] = Explanation(name, skipped=str(e))
+            results[name].seconds = time.perf_counter() - start
     return results

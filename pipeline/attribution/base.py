@@ -35,6 +35,8 @@ class Explanation:
     question_map: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
     skipped: str | None = None
+    seconds: float = 0.0  # wall time of this method in its ``explain`` call (shared passes count
+                          # for the first method that needed them)
 
 
 class NotApplicable(Exception):
@@ -121,6 +123,32 @@ class ExplainContext:
             plain = Probe(self.model, self.images, self.tokens, guided=False)
             self._cache["plain_conv"] = (plain["conv"], plain.grad(self.score(plain.logits), ["conv"])[0])
         return self._cache["plain_conv"]
+
+    def inference_backbone(self, fold_batchnorm: bool = True) -> torch.nn.Module:
+        """The backbone with every BatchNorm folded into the convolution before it, for passes
+        that need no gradient (occlusion's copies). In eval mode BN is an affine map per channel,
+        so conv-then-BN is one convolution with rescaled weights: the same function up to float
+        rounding, and a third less time on CPU, where BN and ReLU are memory-bound. Built per
+        ``explain`` call (cheap next to the passes it serves), so it always holds the model's
+        current weights. ``fold_batchnorm=False`` gives the backbone as it is (bit-for-bit the
+        model's own passes; folding changes features by float rounding, ~1e-6 relative)."""
+        if not fold_batchnorm:
+            return self.model.backbone
+        if "inference_backbone" not in self._cache:
+            from torch.fx.experimental.optimization import fuse
+
+            backbone = self.model.backbone
+            try:
+                fused = fuse(backbone, inplace=False)
+                weight = next((p for p in backbone.parameters() if p.dim() == 4), None)
+                if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
+                    fused = fused.to(memory_format=torch.channels_last)  # keep the fast layout
+            except Exception as e:  # a backbone torch.fx cannot trace: run it as it is
+                log.info("BatchNorm folding unavailable for %s (%s); using it unfused",
+                         type(backbone).__name__, e)
+                fused = backbone
+            self._cache["inference_backbone"] = fused
+        return self._cache["inference_backbone"]
 
     def upsample(self, maps: torch.Tensor) -> torch.Tensor:
         """B x h x w -> B x H x W at input resolution (``upsample`` option: bilinear, nearest)."""

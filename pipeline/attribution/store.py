@@ -5,7 +5,8 @@
                                               ids, question, answer type, predicted answer,
                                               its probability, VQA accuracy, correct or not
     <attributions_dir>/<model>/<method>.npz   arrays in index order (compressed): image_map
-                                              (N x H x W), image_map_raw (float16), question_map
+                                              (N x H x W, float16), image_map_raw (the native
+                                              map; per-channel pixel maps only on request), question_map
                                               (N x T), the method's per-question extras
                                               (``extra/<name>``) and ``valid`` (N: all finite)
 
@@ -46,9 +47,17 @@ def flatten_extras(extras: dict, batch: int, prefix: str = "extra/") -> tuple[di
     return arrays, other
 
 
-def explanation_arrays(explanation: Explanation, batch: int) -> tuple[dict, dict]:
+def explanation_arrays(explanation: Explanation, batch: int,
+                       pixel_channels: bool = False) -> tuple[dict, dict]:
     """Per-question numpy arrays of one explanation (maps, extras, ``valid``) and its JSON
-    side information (skip reason, non-array extras, non-finite count)."""
+    side information (skip reason, non-array extras, non-finite count).
+
+    Pixel-resolution maps are stored in half precision relative to their own largest |value|
+    (``image_map`` / ``image_map_scale``, 3 significant digits of the largest value: evaluation
+    ranks them), so that small gradients do not underflow float16 into ties; :func:`load_method`
+    multiplies the scale back. A raw map with one value per pixel *and channel* (guided backprop,
+    integrated gradients: B x 3 x H x W) only with ``pixel_channels``: it would triple the
+    store, and ``image_map`` already holds its per-pixel summary."""
     if explanation.skipped:
         return {}, {"skipped": explanation.skipped}
     arrays = {}
@@ -60,8 +69,18 @@ def explanation_arrays(explanation: Explanation, batch: int) -> tuple[dict, dict
     finite = np.ones(batch, bool)
     for a in arrays.values():
         finite &= np.isfinite(a.reshape(batch, -1)).all(1)
-    if "image_map_raw" in arrays:  # the largest array (pixels x channels); half precision suffices
-        arrays["image_map_raw"] = arrays["image_map_raw"].astype(np.float16)
+    image_map = arrays.get("image_map")
+    raw = arrays.get("image_map_raw")
+    if raw is not None and image_map is not None and raw.ndim == 4 and raw.shape[-2:] == image_map.shape[-2:]:
+        if pixel_channels:
+            arrays["image_map_raw"] = raw.astype(np.float16)
+        else:
+            del arrays["image_map_raw"]
+    if image_map is not None:
+        scale = np.abs(image_map.reshape(batch, -1)).max(1).astype(np.float32)
+        safe = np.where((scale > 0) & np.isfinite(scale), scale, 1).astype(np.float32)
+        arrays["image_map"] = (image_map / safe[:, None, None]).astype(np.float16)
+        arrays["image_map_scale"] = safe
     arrays.update(extras)
     arrays["valid"] = finite
     other["nonfinite_questions"] = int((~finite).sum())
@@ -109,6 +128,19 @@ def merge_shards(out_dir: Path, methods: list[str], method_info: dict, meta: dic
     return index
 
 
+def read_arrays(path: Path, keys=None) -> dict[str, np.ndarray]:
+    """Arrays of one method file (only ``keys`` when given: the others are not decompressed),
+    ``image_map`` back at its stored scale as float32."""
+    with np.load(path) as data:
+        wanted = [k for k in (data.files if keys is None else keys)
+                  if k in data.files and k != "image_map_scale"]
+        arrays = {k: data[k] for k in wanted}
+        if "image_map" in arrays and "image_map_scale" in data.files:
+            arrays["image_map"] = (arrays["image_map"].astype(np.float32)
+                                   * data["image_map_scale"][:, None, None])
+    return arrays
+
+
 def load_index(attribution_dir: Path) -> dict:
     path = Path(attribution_dir) / INDEX
     if not path.is_file():
@@ -128,8 +160,7 @@ def load_method(attribution_dir: Path, method: str) -> dict[str, np.ndarray]:
         raise DataError(f"method {method!r} was skipped for this model: {info['skipped']}",
                         attribution_dir)
     path = Path(attribution_dir) / f"{method}.npz"
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
+    arrays = read_arrays(path)
     if len(arrays["question_ids"]) == 0:
         raise DataError(f"the attribution store of {method!r} is empty: rerun `python -m "
                         "pipeline.attribute`", path)

@@ -115,10 +115,13 @@ def evaluate(net: SceneResNet, images, presence, counts, cell_classes, batch_siz
 
 
 def pretrain(net: SceneResNet, train, val, epochs: int, batch_size: int, lr: float,
-             weight_decay: float, seed: int, device: str = "cpu") -> list[dict]:
+             weight_decay: float, seed: int, device: str = "cpu",
+             channels_last: bool = False) -> list[dict]:
     """Train ``net`` in place (AdamW, one-cycle schedule); returns per-epoch validation metrics."""
     generator = torch.Generator().manual_seed(seed)
     net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(train[0]) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))

@@ -1,8 +1,8 @@
 """The model's own learned attention as a baseline (not a method): MLB's glimpses alpha
 (Eq. 4 of Kim et al., B x G x S softmax over the S = h x w cells of the ``conv`` grid).
 
-``image_map_raw``: B x G x h x w, every glimpse on the grid; ``image_map``: the mean over glimpses,
-upsampled to the input; ``extras["glimpses"]``: each glimpse upsampled, B x G x H x W."""
+``image_map_raw``: B x G x h x w, every glimpse on the grid (the Hadamard study's glimpse columns);
+``image_map``: the mean over glimpses, upsampled to the input."""
 from __future__ import annotations
 
 from pipeline.attribution.base import Explanation, NotApplicable, register
@@ -22,6 +22,4 @@ def attention(ctx) -> Explanation:
                             f"{h} x {w} conv grid")
     B, G, _ = alpha.shape
     grid = alpha.reshape(B, G, h, w)
-    glimpses = ctx.upsample(grid.reshape(B * G, h, w)).reshape(B, G, *ctx.input_size)
-    return Explanation("attention", image_map=ctx.upsample(grid.mean(1)), image_map_raw=grid,
-                       extras={"glimpses": glimpses})
+    return Explanation("attention", image_map=ctx.upsample(grid.mean(1)), image_map_raw=grid)

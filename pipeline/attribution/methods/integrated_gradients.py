@@ -19,7 +19,9 @@ by default).
   backbone runs once and the head runs on its features (VQAModel contract).
 
 Interpolation steps are batched: ``internal_batch_size`` steps (each for the whole batch) per
-forward; ``steps`` (default 32) nodes in all.
+forward; ``steps`` (default 32) nodes in all, or ``image_steps`` / ``question_steps`` for one
+modality (an image step costs a backbone forward and backward per question, a question step only
+the head).
 
 Outputs: ``image_map`` = sum over colour channels of |IG| (B x H x W), ``image_map_raw`` = IG
 (B x 3 x H x W); ``question_map`` = sum over embedding dimensions of IG per token (signed, 0 on
@@ -121,11 +123,15 @@ def _completeness(attributions: torch.Tensor, at_input: torch.Tensor, at_baselin
 @register(NAME)
 def integrated_gradients(ctx) -> Explanation:
     steps = int(ctx.option(NAME, "steps", 32))
+    # Each image step is a backbone forward and backward per question; a question step runs the
+    # head alone. So the two may take different numbers of steps (default: ``steps`` for both).
+    image_steps = int(ctx.option(NAME, "image_steps", None) or steps)
+    question_steps = int(ctx.option(NAME, "question_steps", None) or steps)
     method = ctx.option(NAME, "method", "riemann_trapezoid")
     chunk = int(ctx.option(NAME, "internal_batch_size", 32))
     if chunk < 1:
         raise ValueError("integrated_gradients.internal_batch_size must be at least 1")
-    alphas, weights = quadrature(method, steps)
+    alphas, weights = quadrature(method, image_steps)
     baseline_kind = ctx.option(NAME, "image_baseline", "zeros")
     model, images, tokens = ctx.model, ctx.images.detach(), ctx.tokens
     target = ctx.target  # given, or predicted (ctx runs the forward)
@@ -149,7 +155,8 @@ def integrated_gradients(ctx) -> Explanation:
                           alphas, weights, chunk).detach()
     with torch.no_grad():
         at_image_baseline = _target_scores(ctx, model(image_baseline, tokens))
-    extras = {"image_baseline": image_baseline, "steps": steps, "method": method, "target": target,
+    extras = {"image_baseline": image_baseline, "image_steps": image_steps,
+              "question_steps": question_steps, "method": method, "target": target,
               "completeness": {"image": _completeness(image_ig, at_input, at_image_baseline)}}
 
     # Question (word embeddings), image fixed.
@@ -167,6 +174,7 @@ def integrated_gradients(ctx) -> Explanation:
             return model.head(features.repeat(k, *[1] * (features.dim() - 1)), tokens.repeat(k, 1))
 
         handle = _replacing(q_point, lambda: current["z"])
+        alphas, weights = quadrature(method, question_steps)
         try:
             question_ig = _integrate(ctx, run_head, embeddings, q_baseline, alphas, weights,
                                      chunk).detach()

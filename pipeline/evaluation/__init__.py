@@ -1,0 +1,2 @@
+"""The library under the evaluation stages: statistics, reading the attribution store, human
+and ground-truth maps at a common resolution, and writing tables and figures (DESIGN.md section 6)."""

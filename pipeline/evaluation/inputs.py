@@ -1,0 +1,99 @@
+"""What the evaluation stages read: the attribution store of each model, human attention maps
+(VQA-HAT layout) and, on synthetic data, the exact ground-truth masks, all brought to one
+resolution (``evaluation.resolution``, 16 x 16 as Goyal et al.; 14 x 14 as in VQA-HAT).
+
+Maps of any size are resized by area averaging (``adaptive_avg_pool2d``: each cell is the mean
+of the pixels it covers), so a human map of another size is resized, never rejected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+
+from pipeline.attribution import store
+from pipeline.config import abspath
+from pipeline.data import processed
+from pipeline.data.errors import DataError
+
+
+def to_resolution(maps: np.ndarray, resolution: int) -> np.ndarray:
+    """N x H x W (or H x W) maps -> N x r x r (or r x r) by area averaging, float64."""
+    x = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+    single = x.dim() == 2
+    if single:
+        x = x[None]
+    out = nnf.adaptive_avg_pool2d(x[:, None], resolution)[:, 0].double().numpy()
+    return out[0] if single else out
+
+
+def attribution_dir(cfg, model: str) -> Path:
+    return abspath(cfg.paths.attributions_dir) / model
+
+
+def load_store(cfg, model: str) -> dict:
+    """The index of ``model``'s attribution store; a missing or empty store is an error that
+    names the stage which should have written it."""
+    directory = attribution_dir(cfg, model)
+    index = store.load_index(directory)
+    if not index.get("questions"):
+        raise DataError(f"the attribution store of {model} is empty: rerun `python -m "
+                        f"pipeline.attribute model={model}` (stage attribute@{model})", directory)
+    return index
+
+
+def available_methods(index: dict) -> list[str]:
+    """Methods that ran on this model (not skipped), in the order the stage ran them."""
+    return [m for m, info in index["methods"].items() if not info.get("skipped")]
+
+
+def load_method(cfg, model: str, method: str) -> dict[str, np.ndarray]:
+    return store.load_method(attribution_dir(cfg, model), method)
+
+
+def split_name(cfg, split_key: str) -> str:
+    """The file-level split name (``val2014``) of a split key (``val``)."""
+    return str(cfg.data.splits[split_key])
+
+
+def human_maps(cfg, split_key: str, question_ids, resolution: int) -> dict[int, np.ndarray]:
+    """question id -> A x r x r human attention maps (one per annotator, values in [0, 1]) for
+    the questions that have any; questions without a map are simply absent (callers count them)."""
+    index = processed.load_hat_index(abspath(cfg.paths.processed_dir), split_key)
+    root = abspath(cfg.data.root)
+    out = {}
+    for qid in question_ids:
+        files = index.get(int(qid))
+        if not files:
+            continue
+        maps = []
+        for f in files:
+            with Image.open(root / f) as im:
+                maps.append(to_resolution(np.asarray(im.convert("L"), dtype=np.float32) / 255.0, resolution))
+        out[int(qid)] = np.stack(maps)
+    return out
+
+
+def ground_truth_maps(cfg, split_key: str, question_ids, resolution: int) -> dict[int, np.ndarray]:
+    """question id -> r x r share of each cell covered by the objects one must look at (exact,
+    from the synthetic world's instance maps). Empty for real data, which has no such truth."""
+    if cfg.data.source != "synthetic":
+        return {}
+    from pipeline.data.synthetic import question_mask
+
+    root, split = abspath(cfg.data.root), split_name(cfg, split_key)
+    return {int(q): to_resolution(question_mask(root, split, int(q)).astype(np.float32), resolution)
+            for q in question_ids}
+
+
+def ground_truth_questions(cfg, split_key: str) -> dict:
+    """The synthetic world's ground truth of a split (``questions``: word indices, objects;
+    ``pairs``: same-answer question pairs); empty for real data."""
+    if cfg.data.source != "synthetic":
+        return {"images": {}, "questions": {}, "pairs": []}
+    from pipeline.data.synthetic import load_ground_truth
+
+    return load_ground_truth(abspath(cfg.data.root), split_name(cfg, split_key))

@@ -1,0 +1,98 @@
+"""Writing what the evaluation stages produce: tables as CSV and Markdown, figures as PNG (each
+written atomically), and the same tables and figures logged to the run's wandb project (offline
+by default, like training)."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import abspath
+from pipeline.io import atomic_path, write_text
+
+log = logging.getLogger(__name__)
+
+
+def tables_dir(cfg) -> Path:
+    return abspath(cfg.paths.reports_dir) / "tables"
+
+
+def figures_dir(cfg) -> Path:
+    return abspath(cfg.paths.reports_dir) / "figures"
+
+
+def _cell(value, digits: int) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency), floats to ``digits`` places."""
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(_cell(v, digits) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def write_table(df: pd.DataFrame, path: Path, markdown: bool = True, digits: int = 3) -> list[Path]:
+    """``path`` (.csv) and, with ``markdown``, the same table as ``path.with_suffix('.md')``.
+    CSV floats keep full precision (tables are compared byte for byte across runs)."""
+    path = Path(path).with_suffix(".csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    written = [path]
+    if markdown:
+        written.append(write_text(path.with_suffix(".md"), markdown_table(df, digits)))
+    return written
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically as PNG (no timestamps in the file: reproducible)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _typed_for_wandb(df: pd.DataFrame) -> pd.DataFrame:
+    """wandb tables need one type per column: text columns that mix types (a flag left empty on
+    the reference row) are logged as text."""
+    df = df.copy()
+    for column in df.columns:
+        if df[column].dtype == object:
+            df[column] = df[column].map(lambda v: "" if v is None else str(v))
+    return df
+
+
+def log_to_wandb(cfg, stage: str, tables: dict[str, pd.DataFrame] | None = None,
+                 figures: dict[str, Path] | None = None, summary: dict | None = None) -> None:
+    """One wandb run per stage (job_type = stage) in ``logger.project``, holding the stage's
+    tables, figures and summary numbers. Offline unless ``logger.mode=online``; nothing when
+    ``logger.wandb=false`` (``logger=csv``)."""
+    if not cfg.logger.get("wandb"):
+        return
+    import wandb
+
+    run = wandb.init(project=str(cfg.logger.project), mode=str(cfg.logger.mode), job_type=stage,
+                     name=stage, dir=str(abspath(cfg.logger.dir)), reinit=True,
+                     settings=wandb.Settings(silent=True))
+    try:
+        payload = {f"{stage}/{name}": wandb.Table(dataframe=_typed_for_wandb(df))
+                   for name, df in (tables or {}).items()}
+        payload.update({f"{stage}/{name}": wandb.Image(str(p)) for name, p in (figures or {}).items()})
+        if payload:
+            run.log(payload)
+        for key, value in (summary or {}).items():
+            run.summary[f"{stage}/{key}"] = value
+    finally:
+        run.finish()

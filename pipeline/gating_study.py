@@ -1,0 +1,353 @@
+"""Stage ``gating_study``: does the question decide which fusion neurons pass gradient, and does
+the question-gated Grad-CAM map move with the question? (Ummettuguli, "Towards visual
+explanations that ground multiple modalities": Tables 1-4, Tables 5-6 and the top-n sweep.)
+
+    python -m pipeline.gating_study [evaluation.models=[mlb]] [evaluation.gating_study.top_k=5]
+
+Per model, from the neuron scores s_i = sum_j |dF_i/dq_j| that the attribute stage stored with
+``gated_gradcam`` (``extra/neuron_scores``, B x D over the fusion width D):
+
+1. Tables 1-4 analogue, ``gating_top_neurons``: the top-k neurons (index and score) of
+   (a) ``same_question``: the most frequent question texts asked about >= 2 different images
+   (one question per image) and (b) ``same_image``: the images with the most different
+   questions, every one of them. ``gating_top_neuron_overlap``: the mean Jaccard overlap of the
+   top-k sets within each listed group. The paper's reading: the question picks the neurons, so
+   the same question on different images overlaps much, different questions on one image less.
+2. Tables 5-6 analogue, ``gating_score_correlation``: over ALL such pairs in the split, Spearman's
+   rho between the full score vectors and the top-k Jaccard, for same question / different
+   images, different questions / same image, the synthetic world's deliberate same-answer pairs
+   (two questions about different objects of one image with the same answer) and a baseline of
+   unrelated pairs (different question, different image). Pairs share questions, so the
+   bootstrap over pairs is somewhat optimistic about the intervals.
+3. The sweep (synthetic data only: it needs the ground-truth masks and the deliberate pairs),
+   ``gating_sweep`` + figure: for every deliberate pair and gate size n (``sweep.top_n``, ``full`` =
+   D, which is Grad-CAM exactly), the map of each question against its OWN question's ground-
+   truth mask (``own_mask``) and against the OTHER question's (``other_mask``), their difference
+   (``own_minus_other`` > 0: the map follows the question it explains), and how different the two
+   questions' maps are (``pair_difference`` = 1 - rho(map_a, map_b): 0 the same ranking, 1
+   unrelated, 2 reversed); |map| at r x r
+   (``evaluation.resolution``), Spearman over the cells. Grad-CAM rows are the reference. The
+   target is the model's prediction (both questions of a pair have the same answer by design).
+   Every gate size is computed from one forward pass with the stored neuron scores
+   (:func:`pipeline.evaluation.gating.gated_gradcam_sweep`, tested to equal ``explain`` with
+   ``gated_gradcam`` at each n); the store is first checked to belong to the current model file.
+
+Every table row: n, mean and a percentile bootstrap interval (``evaluation.bootstrap``); values
+that are undefined (a constant map or score vector: Spearman has no ranking) are counted in
+``undefined``, never scored. Writes ``reports/tables/gating_*.{csv,md}``,
+``reports/figures/gating_sweep.png`` and ``reports/metrics/gating_study.json``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.config import abspath, stage_main
+from pipeline.data import processed
+from pipeline.data.errors import DataError
+from pipeline.data.images import ImageTransform
+from pipeline.data.vqa_format import load_image
+from pipeline.evaluation import gating, inputs
+from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.stats import summarise
+from pipeline.io import write_json
+from pipeline.models import load_model
+
+log = logging.getLogger(__name__)
+
+STAGE = "gating_study"
+METHOD = "gated_gradcam"
+SWEEP_MEASURES = ("own_mask", "other_mask", "own_minus_other", "pair_difference")
+TOP_COLUMNS = ["model", "case", "group", "question_id", "image_id", "question", "rank", "neuron", "score"]
+OVERLAP_COLUMNS = ["model", "case", "group", "questions", "n", "mean", "ci_low", "ci_high"]
+CORRELATION_COLUMNS = ["model", "case", "measure", "n", "mean", "ci_low", "ci_high", "undefined"]
+SWEEP_COLUMNS = ["model", "method", "top_n", "full_width", "measure", "n", "mean", "ci_low",
+                 "ci_high", "undefined"]
+
+
+def json_safe(value):
+    """The metrics with undefined numbers (NaN: no finite values to average) as null, which
+    every JSON reader (``dvc metrics``) accepts."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _attribute_hint(model: str) -> str:
+    return f"rerun `python -m pipeline.attribute model={model}` (stage attribute@{model})"
+
+
+def load_neuron_scores(cfg, model: str) -> tuple[list[dict], np.ndarray]:
+    """(index rows, N x D neuron scores) of the questions whose gated Grad-CAM is valid."""
+    index = inputs.load_store(cfg, model)
+    if METHOD not in inputs.available_methods(index):
+        reason = index["methods"].get(METHOD, {}).get("skipped", "it was not run")
+        raise DataError(f"{model} has no {METHOD} attributions ({reason}): add it to "
+                        f"attribution.methods and {_attribute_hint(model)}",
+                        inputs.attribution_dir(cfg, model))
+    arrays = inputs.load_method(cfg, model, METHOD)
+    if "extra/neuron_scores" not in arrays:
+        raise DataError(f"{METHOD} of {model} has no neuron scores: {_attribute_hint(model)}",
+                        inputs.attribution_dir(cfg, model) / f"{METHOD}.npz")
+    rows = index["questions"]
+    if arrays["question_ids"].tolist() != [r["question_id"] for r in rows]:
+        raise DataError(f"the question ids of {METHOD} differ from the store's index (a half-written "
+                        f"store?): {_attribute_hint(model)}", inputs.attribution_dir(cfg, model))
+    valid = arrays["valid"].astype(bool) & np.isfinite(arrays["extra/neuron_scores"]).all(1)
+    if (~valid).any():
+        log.warning("%s: %d question(s) with non-finite %s maps or scores left out", model,
+                    int((~valid).sum()), METHOD)
+    return [r for r, ok in zip(rows, valid) if ok], arrays["extra/neuron_scores"][valid].astype(np.float64)
+
+
+def _summary_row(values: np.ndarray, boot, seed: int) -> dict:
+    s = summarise(values, int(boot.samples), float(boot.confidence), seed)
+    s["undefined"] = int(np.isnan(np.asarray(values, dtype=np.float64)).sum())
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Parts 1 and 2
+
+
+def top_neuron_tables(model: str, rows: list[dict], scores: np.ndarray, g, boot, seed: int):
+    """Tables 1-4 analogue: per listed question its top-k neurons; per listed group the mean
+    Jaccard overlap of the top-k sets."""
+    top, values = gating.top_neurons(scores, int(g.top_k))
+    question_groups = [("same_question", key, members[:int(g.same_question.questions_per_group)])
+                       for key, members in gating.same_question_groups(rows)[:int(g.same_question.groups)]]
+    image_groups = [("same_image", str(image), members)
+                    for image, members in gating.same_image_groups(rows)[:int(g.same_image.groups)]]
+    top_rows, overlap_rows = [], []
+    for case, key, members in question_groups + image_groups:
+        for i in members:
+            r = rows[i]
+            for rank, (neuron, value) in enumerate(zip(top[i], values[i]), start=1):
+                top_rows.append({"model": model, "case": case, "group": key,
+                                 "question_id": r["question_id"], "image_id": r["image_id"],
+                                 "question": r["question"], "rank": rank, "neuron": int(neuron),
+                                 "score": float(value)})
+        overlaps = gating.pair_jaccard(top, gating.within_group_pairs([(key, members)]))
+        s = summarise(overlaps, int(boot.samples), float(boot.confidence), seed)
+        overlap_rows.append({"model": model, "case": case, "group": key, "questions": len(members), **s})
+    return top_rows, overlap_rows
+
+
+def comparison_pairs(rows: list[dict], pairs_truth, g, seed: int) -> dict[str, np.ndarray]:
+    """Row-index pairs of each case of Tables 5-6 (at most ``max_pairs`` each, seeded)."""
+    limit = g.get("max_pairs")
+    same_question = gating.subsample_pairs(gating.within_group_pairs(gating.same_question_groups(rows)), limit, seed)
+    same_image = gating.subsample_pairs(gating.within_group_pairs(gating.same_image_groups(rows)), limit, seed)
+    row_of = {r["question_id"]: i for i, r in enumerate(rows)}
+    deliberate = np.array([(row_of[a], row_of[b]) for a, b in pairs_truth if a in row_of and b in row_of],
+                          dtype=np.int64).reshape(-1, 2)
+    cases = {"same_question_different_images": same_question,
+             "different_questions_same_image": same_image}
+    if len(pairs_truth):
+        cases["same_answer_pairs"] = deliberate
+    baseline_size = max(len(same_question), len(same_image), 1)
+    cases["unrelated"] = gating.unrelated_pairs(rows, baseline_size if limit is None else min(baseline_size, int(limit)), seed)
+    return cases
+
+
+def correlation_table(model: str, scores: np.ndarray, cases: dict[str, np.ndarray], top_k: int,
+                      boot, seed: int) -> list[dict]:
+    top, _ = gating.top_neurons(scores, top_k)
+    out = []
+    for case, pairs in cases.items():
+        for measure, values in (("spearman", gating.pair_spearman(scores, pairs)),
+                                (f"top{top_k}_jaccard", gating.pair_jaccard(top, pairs))):
+            out.append({"model": model, "case": case, "measure": measure,
+                        **_summary_row(values, boot, seed)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Part 3: the sweep
+
+
+def gate_sizes(requested, width: int) -> list[int]:
+    """The sweep's gate sizes for fusion width D: ``full`` (or any n >= D) means D; sorted,
+    without repeats."""
+    sizes = set()
+    for n in requested:
+        n = width if str(n).lower() == "full" else int(n)
+        if n < 1:
+            raise ValueError(f"gating_study.sweep.top_n: gate sizes must be >= 1 or 'full', got {n}")
+        sizes.add(min(n, width))
+    return sorted(sizes)
+
+
+def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_truth, g, boot,
+          seed: int) -> tuple[list[dict], dict]:
+    """Part 3 for one model: the rows of ``gating_sweep`` and its headline numbers."""
+    row_of = {r["question_id"]: i for i, r in enumerate(rows)}
+    pairs = [(a, b) for a, b in pairs_truth if a in row_of and b in row_of]
+    if len(pairs) < len(pairs_truth):
+        log.info("%s: %d of %d same-answer pairs are in the store (the others were not explained "
+                 "or have invalid maps)", model_name, len(pairs), len(pairs_truth))
+    if not pairs:
+        raise DataError(f"none of the {len(pairs_truth)} same-answer pairs of the split is in the "
+                        f"attribution store of {model_name}: {_attribute_hint(model_name)} without "
+                        "attribution.limit", inputs.attribution_dir(cfg, model_name))
+    processed_dir = abspath(cfg.paths.processed_dir)
+    question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
+    model_path = abspath(cfg.paths.models_dir) / model_name / "model.pt"
+    model = load_model(model_path, question_vocab=question_vocab, answer_vocab=answer_vocab).eval()
+    if cfg.backbone.get("channels_last"):
+        model.backbone.to(memory_format=torch.channels_last)
+    records = {r["question_id"]: r for r in processed.load_question_table(processed_dir, str(cfg.evaluation.split))}
+    transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
+    data_root = abspath(cfg.data.root)
+    resolution = int(cfg.evaluation.resolution)
+    score_kind = str(cfg.attribution.score)
+    upsample_mode = str(cfg.attribution.upsample)
+
+    qids = [q for pair in pairs for q in pair]  # a0, b0, a1, b1, ...
+    masks = inputs.ground_truth_maps(cfg, str(cfg.evaluation.split), qids, resolution)
+    width = scores.shape[1]
+    sizes = gate_sizes(g.sweep.top_n, width)
+    maps = {"gradcam": [], **{n: [] for n in sizes}}
+    stale = 0.0
+    batch = max(2, int(g.sweep.batch_size) // 2 * 2)  # whole pairs per batch
+    for start in tqdm(range(0, len(qids), batch), desc=f"gating sweep ({model_name})", unit="batch"):
+        chunk = qids[start:start + batch]
+        images = torch.stack([transform(load_image(data_root / records[q]["image"])) for q in chunk])
+        length = max(len(records[q]["token_ids"]) for q in chunk)
+        tokens = torch.zeros(len(chunk), max(1, length), dtype=torch.long)
+        for i, q in enumerate(chunk):
+            ids = records[q]["token_ids"]
+            tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        chunk_scores = torch.as_tensor(scores[[row_of[q] for q in chunk]], dtype=torch.float32)
+        logits, target, gradcam, gated = gating.gated_gradcam_sweep(model, images, tokens, chunk_scores,
+                                                                    sizes, score=score_kind)
+        # The stored scores must come from this model: its answer probabilities must be the ones
+        # the attribute stage recorded (a retrained model differs far beyond float noise).
+        confidence = torch.softmax(logits, dim=1).max(1).values
+        for i, q in enumerate(chunk):
+            stale = max(stale, abs(float(confidence[i]) - rows[row_of[q]]["probability"]))
+        if stale > 1e-3:
+            raise DataError(f"the attribution store of {model_name} was made with another model than "
+                            f"{model_path} (answer probabilities differ by up to {stale:.3g}): "
+                            f"{_attribute_hint(model_name)}", inputs.attribution_dir(cfg, model_name))
+        size = tuple(images.shape[-2:])
+        maps["gradcam"].append(inputs.to_resolution(gating.upsample(gradcam, size, upsample_mode).numpy(), resolution))
+        for n in sizes:
+            maps[n].append(inputs.to_resolution(gating.upsample(gated[n], size, upsample_mode).numpy(), resolution))
+    mask_a = np.stack([masks[a] for a, _ in pairs])
+    mask_b = np.stack([masks[b] for _, b in pairs])
+    out, headline = [], {}
+    full_difference = None
+    for key, chunks in maps.items():
+        stacked = np.concatenate(chunks)
+        measures = gating.pair_map_measures(stacked[0::2], stacked[1::2], mask_a, mask_b)
+        method = "gradcam" if key == "gradcam" else METHOD
+        n = width if key == "gradcam" else key
+        for measure in SWEEP_MEASURES:
+            row = {"model": model_name, "method": method, "top_n": n, "full_width": n == width,
+                   "measure": measure, **_summary_row(measures[measure], boot, seed)}
+            out.append(row)
+            headline[f"{method}/{n}/{measure}"] = row["mean"]
+        if key == width:
+            full_difference = float(np.abs(np.concatenate(maps[width]) - np.concatenate(maps["gradcam"])).max())
+    headline["pairs"] = len(pairs)
+    headline["full_width_max_abs_difference_from_gradcam"] = full_difference
+    return out, headline
+
+
+def sweep_figure(table: pd.DataFrame, path):
+    """x = gate size n (log), y = each measure with its interval band; Grad-CAM dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(table["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    colours = dict(zip(SWEEP_MEASURES, ("tab:green", "tab:red", "tab:purple", "tab:blue")))
+    for ax, model in zip(axes[0], models):
+        t = table[table["model"] == model]
+        for measure in SWEEP_MEASURES:
+            gated = t[(t["method"] == METHOD) & (t["measure"] == measure)].sort_values("top_n")
+            ax.plot(gated["top_n"], gated["mean"], "o-", color=colours[measure], label=measure, ms=4)
+            ax.fill_between(gated["top_n"], gated["ci_low"], gated["ci_high"], color=colours[measure], alpha=0.2)
+            ref = t[(t["method"] == "gradcam") & (t["measure"] == measure)]
+            if len(ref):
+                ax.axhline(float(ref["mean"].iloc[0]), color=colours[measure], ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set_xlabel("gate size n (top-n fusion neurons; rightmost = full width)")
+        ax.set_ylabel("Spearman-based measure")
+        ax.set_title(f"{model}: question-gated Grad-CAM (dashed: Grad-CAM)")
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    ev = cfg.evaluation
+    g, boot, seed = ev.gating_study, ev.bootstrap, int(ev.seed)
+    truth = inputs.ground_truth_questions(cfg, str(ev.split))
+    top_rows, overlap_rows, correlation_rows, sweep_rows = [], [], [], []
+    metrics = {"models": {}}
+    for model in ev.models:
+        model = str(model)
+        rows, scores = load_neuron_scores(cfg, model)
+        log.info("%s: neuron scores of %d questions over %d fusion neurons", model, len(rows), scores.shape[1])
+        t, o = top_neuron_tables(model, rows, scores, g, boot, seed)
+        top_rows += t
+        overlap_rows += o
+        cases = comparison_pairs(rows, truth["pairs"], g, seed)
+        correlation = correlation_table(model, scores, cases, int(g.top_k), boot, seed)
+        correlation_rows += correlation
+        m = {"questions": len(rows), "fusion_width": int(scores.shape[1]),
+             "score_correlation": {f"{r['case']}/{r['measure']}": r["mean"] for r in correlation}}
+        if truth["pairs"]:
+            rows_sweep, headline = sweep(cfg, model, rows, scores, truth["pairs"], g, boot, seed)
+            sweep_rows += rows_sweep
+            m["sweep"] = headline
+        else:
+            reason = "no ground-truth masks or same-answer pairs on this data (real VQA)"
+            log.info("%s: top-n sweep skipped: %s", model, reason)
+            m["sweep"] = {"skipped": reason}
+        metrics["models"][model] = m
+
+    tables = {"gating_top_neurons": pd.DataFrame(top_rows, columns=TOP_COLUMNS),
+              "gating_top_neuron_overlap": pd.DataFrame(overlap_rows, columns=OVERLAP_COLUMNS),
+              "gating_score_correlation": pd.DataFrame(correlation_rows, columns=CORRELATION_COLUMNS)}
+    figures = {}
+    if sweep_rows:
+        tables["gating_sweep"] = pd.DataFrame(sweep_rows, columns=SWEEP_COLUMNS)
+    for name, df in tables.items():
+        write_table(df, tables_dir(cfg) / f"{name}.csv")
+    if sweep_rows:
+        figures["gating_sweep"] = sweep_figure(tables["gating_sweep"], figures_dir(cfg) / "gating_sweep.png")
+    metrics = json_safe(metrics)
+    write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
+    summary = {f"{model}/{k}": v for model, m in metrics["models"].items()
+               for k, v in {**m["score_correlation"], **{f"sweep/{a}": b for a, b in m["sweep"].items()}}.items()
+               if isinstance(v, (int, float)) and v is not None}
+    log_to_wandb(cfg, STAGE, tables=tables, figures=figures, summary=summary)
+    log.info("gating study of %s in %.1f s", list(metrics["models"]), time.perf_counter() - start)
+    return metrics
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Stage ``pos_histogram``: which kind of word do the explanations find most important?
+(Goyal et al., "Towards Transparent AI Systems: Interpreting VQA Models", section 4.2, Fig. 3.)
+
+    python -m pipeline.pos_histogram [evaluation.pos_histogram.tagger=textblob]
+                                     [evaluation.pos_histogram.methods=[occlusion,hadamard]]
+
+For each model and each method of ``evaluation.pos_histogram.methods``, the most important word
+of every valid question is the argmax of the method's word importance over the question's real
+tokens (:data:`pipeline.evaluation.pos.QUESTION_IMPORTANCE`: occlusion signed, the word whose
+removal lowers the answer's probability most; ties -> the first token; a question whose words all
+score the same has no most important word and is left out, and counted). Every token is given a
+Penn Treebank tag (:mod:`pipeline.evaluation.pos`), and for the ``top_tags`` most frequent tags
+
+    P(most important | tag t) = #questions whose most important word has tag t
+                                / #tokens with tag t in those questions,
+
+sorted by tag frequency over all of the model's questions, as in Fig. 3.
+
+Writes
+  reports/tables/pos_histogram.csv (+ .md)     model, method, tagger, tag, group, tag_count,
+                                               most_important, p_most_important
+  reports/tables/pos_ground_truth.csv (+ .md)  synthetic data: how often the most important word
+                                               is one the question's answer depends on
+  reports/figures/pos_histogram.png            grouped bars, one panel per model (Fig. 3)
+  reports/metrics/pos_histogram.json           the tagger, questions counted, ground-truth shares
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.config import abspath, stage_main
+from pipeline.data.errors import DataError
+from pipeline.evaluation import inputs
+from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.pos import Tagger, make_tagger, most_important_word, question_importance, tag_group
+from pipeline.evaluation.stats import summarise
+from pipeline.io import write_json
+
+log = logging.getLogger(__name__)
+
+HISTOGRAM_COLUMNS = ["model", "method", "tagger", "tag", "group", "tag_count", "most_important",
+                     "p_most_important"]
+TRUTH_COLUMNS = ["model", "method", "tagger", "n", "share_ground_truth", "ci_low", "ci_high", "chance",
+                 "no_most_important", "invalid"]
+
+
+def json_number(value: float) -> float | None:
+    """NaN (no question to count) as JSON null: NaN is not valid JSON."""
+    return None if value is None or not np.isfinite(value) else value
+
+
+def real_length(question: dict, width: int) -> int:
+    """Tokens the model saw: the question's tokens, cut at the store's padded length."""
+    return min(len(question["tokens"]), width)
+
+
+def most_important_words(questions: list[dict], importance: np.ndarray, valid: np.ndarray) -> dict:
+    """question row -> position of its most important word, for the valid questions that have
+    one; also the counts of invalid (non-finite) and constant (no winner) questions."""
+    winners, invalid, constant = {}, 0, 0
+    for row, question in enumerate(questions):
+        if not valid[row]:
+            invalid += 1
+            continue
+        position = most_important_word(importance[row], real_length(question, importance.shape[1]))
+        if position is None:
+            constant += 1
+        else:
+            winners[row] = position
+    return {"winners": winners, "invalid": invalid, "constant": constant}
+
+
+def tag_tallies(questions: list[dict], winners: dict[int, int], width: int,
+                tagger: Tagger) -> tuple[Counter, Counter]:
+    """(tokens per tag, most important words per tag) over the questions in ``winners``."""
+    tokens_per_tag, winners_per_tag = Counter(), Counter()
+    for row, position in winners.items():
+        tags = tagger.tag(questions[row]["tokens"][:real_length(questions[row], width)])
+        tokens_per_tag.update(tags)
+        winners_per_tag[tags[position]] += 1
+    return tokens_per_tag, winners_per_tag
+
+
+def frequent_tags(questions: list[dict], width: int, tagger: Tagger, top: int) -> list[str]:
+    """The ``top`` most frequent tags over every token of every question (ties alphabetical)."""
+    counts = Counter()
+    for q in questions:
+        counts.update(tagger.tag(q["tokens"][:real_length(q, width)]))
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+def ground_truth_hits(questions: list[dict], winners: dict[int, int], truth: dict,
+                      width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per question with a winner and a ground truth: 1 if the winner is one of the important
+    words (``word_indices``), else 0; and the chance of that for a uniformly random word
+    (#important / #words)."""
+    hits, chance = [], []
+    for row, position in winners.items():
+        record = truth.get(int(questions[row]["question_id"]))
+        if record is None:
+            continue
+        length = real_length(questions[row], width)
+        important = {int(i) for i in record["word_indices"] if int(i) < length}
+        hits.append(float(position in important))
+        chance.append(len(important) / length)
+    return np.asarray(hits), np.asarray(chance)
+
+
+def load_question_arrays(cfg, model: str, index: dict, method: str) -> dict | None:
+    """The method's arrays, checked against the index order; None (logged) if it was skipped."""
+    info = index["methods"].get(method)
+    directory = inputs.attribution_dir(cfg, model)
+    if info is None:
+        raise DataError(f"{model}'s attribution store has no {method}: rerun `python -m pipeline.attribute "
+                        f"model={model}` with {method} in attribution.methods", directory / "index.json")
+    if info.get("skipped"):
+        log.info("%s / %s skipped by the attribute stage: %s", model, method, info["skipped"])
+        return None
+    arrays = inputs.load_method(cfg, model, method)
+    qids = [q["question_id"] for q in index["questions"]]
+    if arrays["question_ids"].tolist() != qids:
+        raise DataError(f"{method}.npz and index.json list different questions: rerun "
+                        f"`python -m pipeline.attribute model={model}`", directory / f"{method}.npz")
+    return arrays
+
+
+def plot_histogram(table: pd.DataFrame, models: list[str], methods: list[str], tagger_name: str):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.6 * len(models)), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, model in zip(axes[:, 0], models):
+        part = table[table.model == model]
+        tags = list(dict.fromkeys(part.tag))  # already in frequency order
+        x = np.arange(len(tags))
+        for k, method in enumerate(methods):
+            rows = part[part.method == method].set_index("tag")
+            if rows.empty:
+                continue
+            heights = [rows.p_most_important.get(t, np.nan) for t in tags]
+            ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=method)
+        ax.set_xticks(x)
+        groups = dict(zip(part.tag, part.group))
+        ax.set_xticklabels([f"{t}\n{groups[t]}" for t in tags], fontsize=8)
+        ax.set_ylabel("P(most important | tag)")
+        ax.set_ylim(0, 1.15)  # headroom for the legend above bars that reach 1
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_title(f"{model}: tags by frequency (tagger: {tagger_name})", fontsize=10)
+        ax.legend(fontsize=8, ncol=len(methods), loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def run(cfg: DictConfig) -> dict:
+    e = cfg.evaluation
+    settings = e.pos_histogram
+    models, methods = [str(m) for m in e.models], [str(m) for m in settings.methods]
+    tagger = make_tagger(str(settings.tagger))
+    truth = inputs.ground_truth_questions(cfg, str(e.split))["questions"]
+    boot = {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
+            "seed": int(e.seed)}
+
+    histogram_rows, truth_rows = [], []
+    metrics = {"tagger": tagger.name, "questions": {}, "ground_truth_share": {}, "skipped": {}}
+    for model in models:
+        index = inputs.load_store(cfg, model)
+        questions = index["questions"]
+        metrics["questions"][model] = len(questions)
+        for method in tqdm(methods, desc=f"most important words ({model})", unit="method"):
+            arrays = load_question_arrays(cfg, model, index, method)
+            if arrays is None:
+                metrics["skipped"].setdefault(model, {})[method] = index["methods"][method]["skipped"]
+                continue
+            importance = question_importance(method, arrays)
+            width = importance.shape[1]
+            found = most_important_words(questions, importance, arrays["valid"])
+            tokens_per_tag, winners_per_tag = tag_tallies(questions, found["winners"], width, tagger)
+            # The order depends on the model's questions only (not on the method), so every
+            # method's bars share one x axis.
+            for tag in frequent_tags(questions, width, tagger, int(settings.top_tags)):
+                count = int(tokens_per_tag[tag])
+                histogram_rows.append({
+                    "model": model, "method": method, "tagger": tagger.name, "tag": tag,
+                    "group": tag_group(tag), "tag_count": count,
+                    "most_important": int(winners_per_tag[tag]),
+                    "p_most_important": winners_per_tag[tag] / count if count else float("nan")})
+            if truth:
+                hits, chance = ground_truth_hits(questions, found["winners"], truth, width)
+                s = summarise(hits, **boot)
+                truth_rows.append({
+                    "model": model, "method": method, "tagger": tagger.name, "n": s["n"],
+                    "share_ground_truth": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+                    "chance": float(chance.mean()) if len(chance) else float("nan"),
+                    "no_most_important": found["constant"], "invalid": found["invalid"]})
+                metrics["ground_truth_share"].setdefault(model, {})[method] = {
+                    k: json_number(truth_rows[-1][k])
+                    for k in ("n", "share_ground_truth", "ci_low", "ci_high", "chance")}
+            log.info("%s / %s: %d questions with a most important word, %d without (all equal), "
+                     "%d invalid", model, method, len(found["winners"]), found["constant"], found["invalid"])
+
+    histogram = pd.DataFrame(histogram_rows, columns=HISTOGRAM_COLUMNS)
+    tables = {"pos_histogram": histogram}
+    write_table(histogram, tables_dir(cfg) / "pos_histogram.csv")
+    # Written on real data too (header only: no ground truth there), so the stage's outputs
+    # are the same files whatever the data.
+    truth_table = pd.DataFrame(truth_rows, columns=TRUTH_COLUMNS)
+    write_table(truth_table, tables_dir(cfg) / "pos_ground_truth.csv")
+    if truth:
+        tables["pos_ground_truth"] = truth_table
+        for r in truth_rows:
+            log.info("%s / %s: most important word is a ground-truth word in %.1f%% of %d questions "
+                     "(95%% CI %.1f-%.1f; chance %.1f%%)", r["model"], r["method"],
+                     100 * r["share_ground_truth"], r["n"], 100 * r["ci_low"], 100 * r["ci_high"],
+                     100 * r["chance"])
+    figure = save_figure(plot_histogram(histogram, models, methods, tagger.name),
+                         figures_dir(cfg) / "pos_histogram.png")
+    write_json(abspath(cfg.paths.metrics_dir) / "pos_histogram.json", metrics)
+    summary = {f"ground_truth_share/{m}/{meth}": v["share_ground_truth"]
+               for m, per in metrics["ground_truth_share"].items() for meth, v in per.items()}
+    log_to_wandb(cfg, "pos_histogram", tables=tables, figures={"pos_histogram": figure},
+                 summary={"tagger": tagger.name, **summary})
+    return {**metrics, "tables": tables}
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Stage ``rank_correlation``: how well each explanation's image map agrees with where humans
+look (Goyal et al. 2016, section 4.1, Table 1; extended to every method and both models).
+
+    python -m pipeline.rank_correlation [evaluation.resolution=14] [evaluation.models=[mlb]]
+
+For every model and every method that ran on it, each valid question's |image_map| is brought
+to r x r (``evaluation.resolution``, 16 as Goyal et al.; 14 as VQA-HAT) by area averaging, and
+Spearman's rho over the r*r cells is taken with each human attention map of the question (val
+has several annotators); a question's score is the mean over its annotators, and a row is the
+mean over questions with a percentile bootstrap interval. Rows: the random baseline, every
+method in the order the attribute stage ran them (MLB attention included), and a ``human`` row,
+the inter-human agreement (rho between each pair of annotators of one question, averaged per
+question), as in Table 1.
+
+On synthetic data the same is done against a second reference, the exact ground truth (the share
+of each cell covered by the objects one needs to look at): ``reference`` = human | ground_truth;
+the human row against the ground truth is each annotator's map against the truth, i.e. how good
+the simulated humans are.
+
+Nothing is hidden: constant maps (rho undefined; excluded), maps with ties (kept, average
+ranks), questions without a reference map (excluded), non-finite maps (excluded) and constant
+reference maps (e.g. "how many" with answer 0: nothing to look at; excluded) are counted in their
+own columns. ``beats_random``: the method's interval lies entirely above the random map's
+interval of the same model and reference.
+
+Writes ``reports/tables/rank_correlation.{csv,md}``, ``reports/figures/rank_correlation.png``
+and ``reports/metrics/rank_correlation.json``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.attribution.store import read_arrays
+from pipeline.config import abspath, stage_main
+from pipeline.data.errors import DataError
+from pipeline.evaluation import inputs
+from pipeline.evaluation.outputs import (figures_dir, log_to_wandb, markdown_table, save_figure, tables_dir,
+                                         write_table)
+from pipeline.evaluation.stats import has_ties, is_constant, spearman_rows, summarise
+from pipeline.io import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+STAGE = "rank_correlation"
+RANDOM = "random"
+HUMAN = "human"
+GROUND_TRUTH = "ground_truth"
+COLUMNS = ["model", "method", "reference", "n", "mean", "ci_low", "ci_high", "constant", "ties",
+           "no_reference_map", "invalid", "constant_reference", "beats_random"]
+
+
+def load_image_maps(cfg, model: str, method: str, question_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(N x H x W image maps as float32, N valid flags) of one method, in index order. Only the
+    three arrays needed are decompressed (the raw maps and extras are most of the file)."""
+    path = inputs.attribution_dir(cfg, model) / f"{method}.npz"
+    if not path.is_file():
+        raise DataError(f"the attribution store of {model} lists {method!r} but has no arrays for "
+                        f"it: rerun `python -m pipeline.attribute model={model}` "
+                        f"(stage attribute@{model})", path)
+    data = read_arrays(path, ["question_ids", "image_map", "valid"])
+    missing = {"question_ids", "image_map", "valid"} - set(data)
+    if missing:
+        raise DataError(f"{method!r} lacks {sorted(missing)}: rerun `python -m pipeline.attribute "
+                        f"model={model}` (stage attribute@{model})", path)
+    if data["question_ids"].tolist() != question_ids:
+        raise DataError(f"the question ids of {method!r} differ from the store's index (a "
+                        f"half-written store?): rerun `python -m pipeline.attribute "
+                        f"model={model}` (stage attribute@{model})", path)
+    return data["image_map"].astype(np.float32), data["valid"].astype(bool)
+
+
+def _per_question_mean(rho_pairs: np.ndarray, pair_question: np.ndarray, n: int) -> np.ndarray:
+    """Mean of the defined (finite) pair correlations of each question; NaN where none is."""
+    finite = np.isfinite(rho_pairs)
+    sums = np.bincount(pair_question, weights=np.where(finite, rho_pairs, 0.0), minlength=n)
+    counts = np.bincount(pair_question, weights=finite.astype(np.float64), minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def score_maps(maps: np.ndarray, valid: np.ndarray, question_ids: list[int],
+               references: dict[int, np.ndarray]) -> tuple[np.ndarray, dict]:
+    """Per-question rho of ``maps`` (N x r x r, already |.| and resized) against ``references``
+    (question id -> A x r x r, one per annotator), averaged over annotators, and the counts.
+
+    Returns (N rho, NaN for every excluded question; counts): ``invalid`` non-finite maps,
+    ``no_reference_map`` questions without a reference, ``constant`` maps (rho undefined),
+    ``constant_reference`` questions whose every reference map is constant, ``ties`` kept maps
+    with repeated values. The categories are exclusive, checked in that order."""
+    n = len(question_ids)
+    flat = maps.reshape(n, -1)
+    # A single reference map (the ground truth, r x r) is one "annotator".
+    references = {q: m.reshape(-1, flat.shape[1]) for q, m in references.items()}
+    has_reference = np.array([q in references for q in question_ids], dtype=bool)
+    usable = valid & has_reference
+    constant = usable & is_constant(flat)
+    scored = usable & ~constant
+    # One row per (question, annotator) pair: every pair correlated in one vectorised call.
+    pair_question = np.array([i for i in np.flatnonzero(scored)
+                              for _ in range(len(references[question_ids[i]]))], dtype=np.int64)
+    rho = np.full(n, np.nan)
+    if len(pair_question):
+        reference_rows = np.concatenate([references[question_ids[i]] for i in np.flatnonzero(scored)])
+        rho_pairs = spearman_rows(flat[pair_question], reference_rows)
+        rho = _per_question_mean(rho_pairs, pair_question, n)
+    constant_reference = scored & ~np.isfinite(rho)
+    counts = {"constant": int(constant.sum()),
+              "ties": int((scored & np.isfinite(rho) & has_ties(flat)).sum()),
+              "no_reference_map": int((valid & ~has_reference).sum()),
+              "invalid": int((~valid).sum()),
+              "constant_reference": int(constant_reference.sum())}
+    return rho, counts
+
+
+def score_humans(humans: dict[int, np.ndarray], question_ids: list[int],
+                 truth: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+    """The human row. Without ``truth``: inter-human agreement, rho between each pair of
+    annotators of a question, averaged per question (questions with fewer than two annotators
+    have no such pair: counted as ``no_reference_map``). With ``truth``: each annotator's map
+    against the truth, averaged per question. ``constant`` counts questions whose every pair is
+    undefined because of a constant annotator map."""
+    n = len(question_ids)
+    pair_question, left, right = [], [], []
+    no_reference = np.zeros(n, dtype=bool)
+    any_ties = np.zeros(n, dtype=bool)
+    for i, q in enumerate(question_ids):
+        maps = humans.get(q)
+        if truth is None:
+            if maps is None or len(maps) < 2:
+                no_reference[i] = True
+                continue
+            pairs = [(maps[a], maps[b]) for a in range(len(maps)) for b in range(a + 1, len(maps))]
+        else:
+            if maps is None or q not in truth:
+                no_reference[i] = True
+                continue
+            pairs = [(m, truth[q]) for m in maps]
+        any_ties[i] = bool(has_ties(maps.reshape(len(maps), -1)).any())
+        for a, b in pairs:
+            pair_question.append(i)
+            left.append(a.ravel())
+            right.append(b.ravel())
+    rho = np.full(n, np.nan)
+    constant_reference = 0
+    if pair_question:
+        pair_question = np.asarray(pair_question, dtype=np.int64)
+        left, right = np.stack(left), np.stack(right)
+        rho = _per_question_mean(spearman_rows(left, right), pair_question, n)
+        if truth is not None:
+            truth_constant = np.array([q in truth and bool(is_constant(truth[q].ravel()))
+                                       for q in question_ids])
+            constant_reference = int((~no_reference & truth_constant).sum())
+    undefined = ~no_reference & ~np.isfinite(rho)
+    counts = {"constant": int(undefined.sum()) - constant_reference,
+              "ties": int((np.isfinite(rho) & any_ties).sum()),
+              "no_reference_map": int(no_reference.sum()),
+              "invalid": 0,
+              "constant_reference": constant_reference}
+    return rho, counts
+
+
+def beats_random_flags(table: pd.DataFrame) -> list:
+    """Per row: does its interval lie entirely above the random row's of the same model and
+    reference? Empty for random itself. The human row is compared with the random rows of every
+    model (it must lie above all of them)."""
+    flags = []
+    for row in table.itertuples(index=False):
+        if row.method == RANDOM:
+            flags.append("")
+            continue
+        models = table["model"] != HUMAN if row.model == HUMAN else table["model"] == row.model
+        random_rows = table[models & (table["method"] == RANDOM) & (table["reference"] == row.reference)]
+        if random_rows.empty or math.isnan(row.ci_low) or random_rows["ci_high"].isna().any():
+            flags.append("")
+            continue
+        flags.append(bool(row.ci_low > random_rows["ci_high"].max()))
+    return flags
+
+
+def readable_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The Markdown view: grouped by reference and model (a name shown once per group), the
+    interval as one column."""
+    rows = []
+    previous = (None, None)
+    for row in table.itertuples(index=False):
+        group = (row.reference, row.model)
+        ci = "–" if math.isnan(row.ci_low) else f"[{row.ci_low:.3f}, {row.ci_high:.3f}]"
+        rows.append({"reference": row.reference if group[0] != previous[0] else "",
+                     "model": row.model if group != previous else "",
+                     "method": row.method, "n": row.n, "mean": row.mean, "95% CI": ci,
+                     "constant": row.constant, "ties": row.ties,
+                     "no reference map": row.no_reference_map, "invalid": row.invalid,
+                     "constant reference": row.constant_reference,
+                     "beats random": {True: "yes", False: "no"}.get(row.beats_random, "")})
+        previous = group
+    return pd.DataFrame(rows)
+
+
+def plot(table: pd.DataFrame, references: list[str], resolution: int):
+    """Horizontal bars (mean rho) with bootstrap-interval whiskers: one panel per reference,
+    one bar per model side by side within each method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(table["method"]))
+    models = [m for m in dict.fromkeys(table["model"]) if m != HUMAN]
+    colours = {m: plt.get_cmap("tab10")(k) for k, m in enumerate(models)}
+    colours[HUMAN] = (0.4, 0.4, 0.4, 1.0)
+    height = 0.8 / max(1, len(models))
+    size = (5.5 * len(references), 0.45 * len(methods) * max(1, len(models)) + 1.5)
+    fig, axes = plt.subplots(1, len(references), figsize=size, sharey=True, squeeze=False)
+    for ax, reference in zip(axes[0], references):
+        part = table[table["reference"] == reference]
+        for k, model in enumerate([*models, HUMAN]):
+            rows = part[part["model"] == model]
+            if rows.empty:
+                continue
+            y = np.array([methods.index(m) for m in rows["method"]], dtype=float)
+            if model != HUMAN:
+                y = y - 0.4 + height * (k + 0.5)
+            mean = rows["mean"].to_numpy(dtype=float)
+            whiskers = np.stack([mean - rows["ci_low"].to_numpy(dtype=float),
+                                 rows["ci_high"].to_numpy(dtype=float) - mean])
+            ax.barh(y, mean, height=height if model != HUMAN else 0.5, color=colours[model],
+                    xerr=np.nan_to_num(whiskers), capsize=2, label=model, error_kw={"lw": 0.8})
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set_title(f"reference: {reference.replace('_', ' ')}")
+        ax.set_xlabel(f"Spearman rho over {resolution}x{resolution} cells (mean, 95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(methods)), methods)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Rank correlation of |image map| with where to look (Goyal et al. Table 1)")
+    fig.tight_layout()
+    return fig
+
+
+def _finite_or_none(value: float):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    e = cfg.evaluation
+    resolution = int(e.resolution)
+    boot = {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
+            "seed": int(e.seed)}
+    split = str(e.split)
+    models = [str(m) for m in e.models]
+    if not models:
+        raise DataError("evaluation.models is empty: name at least one model")
+    indexes = {m: inputs.load_store(cfg, m) for m in models}
+    question_ids = {m: [int(q["question_id"]) for q in indexes[m]["questions"]] for m in models}
+    every_question = sorted({q for ids in question_ids.values() for q in ids})
+
+    references = {HUMAN: inputs.human_maps(cfg, split, every_question, resolution)}
+    if cfg.evaluation[STAGE].ground_truth and cfg.data.source == "synthetic":
+        references[GROUND_TRUTH] = inputs.ground_truth_maps(cfg, split, every_question, resolution)
+    if not references[HUMAN]:
+        log.warning("no human attention map for any of the %d questions: every human-reference "
+                    "row is empty (does %s have HAT maps?)", len(every_question), cfg.data.name)
+
+    rows = []
+    jobs = [(m, method) for m in models for method in inputs.available_methods(indexes[m])
+            if "image_map" in indexes[m]["methods"][method].get("arrays", [])]
+    for model, method in tqdm(jobs, desc="rank correlation", unit="method"):
+        maps, valid = load_image_maps(cfg, model, method, question_ids[model])
+        small = inputs.to_resolution(np.abs(maps), resolution)
+        # A map that is finite at full resolution stays finite after area averaging, but an
+        # overflow in float16 would not: recheck.
+        valid = valid & np.isfinite(small.reshape(len(small), -1)).all(1)
+        for reference, reference_maps in references.items():
+            rho, counts = score_maps(small, valid, question_ids[model], reference_maps)
+            rows.append({"model": model, "method": method, "reference": reference,
+                         **summarise(rho, **boot), **counts})
+    for reference in references:
+        rho, counts = score_humans(references[HUMAN], every_question,
+                                   None if reference == HUMAN else references[reference])
+        rows.append({"model": HUMAN, "method": HUMAN, "reference": reference,
+                     **summarise(rho, **boot), **counts})
+
+    table = pd.DataFrame(rows)
+    # Rows: per reference, per model, random first then the methods in the model's store order
+    # (the order they were appended in: the stable sort keeps it); the human row last.
+    model_order = {m: k for k, m in enumerate([*models, HUMAN])}
+    reference_order = {r: k for k, r in enumerate(references)}
+    table = table.assign(_reference=table["reference"].map(reference_order),
+                         _model=table["model"].map(model_order),
+                         _not_random=table["method"] != RANDOM)
+    table = table.sort_values(["_reference", "_model", "_not_random"], kind="stable").reset_index(drop=True)
+    table["beats_random"] = beats_random_flags(table)
+    table = table[COLUMNS]
+
+    out_tables = tables_dir(cfg)
+    (csv_path,) = write_table(table, out_tables / f"{STAGE}.csv", markdown=False)
+    write_text(out_tables / f"{STAGE}.md",
+               f"Spearman rank correlation of |image map| with each reference over "
+               f"{resolution}x{resolution} cells; mean over questions with a 95% bootstrap "
+               f"interval ({boot['samples']} resamples).\n\n" + markdown_table(readable_table(table)))
+    figure = save_figure(plot(table, list(references), resolution), figures_dir(cfg) / f"{STAGE}.png")
+
+    metrics: dict = {}
+    for row in table.itertuples(index=False):
+        metrics.setdefault(row.model, {}).setdefault(row.method, {})[row.reference] = _finite_or_none(row.mean)
+    metrics["not_beating_random"] = [f"{r.model}/{r.method}/{r.reference}"
+                                     for r in table.itertuples(index=False) if r.beats_random is False]
+    write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
+
+    summary = {f"{r.model}/{r.method}/{r.reference}": _finite_or_none(r.mean)
+               for r in table.itertuples(index=False)}
+    log_to_wandb(cfg, STAGE, tables={STAGE: table}, figures={STAGE: figure}, summary=summary)
+    seconds = time.perf_counter() - start
+    log.info("rank correlation of %d rows over %d questions in %.1f s -> %s", len(table),
+             len(every_question), seconds, csv_path)
+    return {"table": table, "metrics": metrics, "seconds": seconds}
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Stage ``sanity_check``: do the explanations depend on what the model learned? Cascading
+model-parameter randomisation (Adebayo et al. 2018, "Sanity checks for saliency maps", section
+3.1, Fig. 2), beyond the four papers.
+
+    python -m pipeline.sanity_check [evaluation.sanity_check.questions=48] [evaluation.models=[mlb]]
+
+On a fixed subset of validation questions (the first ``questions`` by image id, then question
+id) every configured method explains the trained model's answers. Then, on a deep copy of the
+model (the model file and the loaded model are never touched), the layers are randomised one unit
+at a time, cumulatively, from the classifier down to the backbone's stem
+(:mod:`pipeline.evaluation.randomisation` defines the units and their order generically from the
+model's modules; the table's ``layers_randomised`` names the unit each step adds). After each step
+the maps are recomputed for the SAME explained answer (the original model's prediction) and
+compared with the trained model's maps (step 0, the untouched copy): Spearman's rho of |map| at
+r x r (``evaluation.resolution``) and of |question map| over the real tokens where the method has
+one. Step 0's row is the reference point of the curves (rho = 1).
+
+A method whose maps still correlate above ``threshold`` (mean rho) once the whole head is
+randomised, or after the whole cascade, is ``flagged``: its map is then largely explained by the
+input and the architecture, not by the learned weights (Adebayo et al. found guided backprop so).
+``random`` is a reference line redrawn at every step (seed + step): what "no dependence" looks
+like (rho ~ 0 after step 0); it is never flagged.
+
+Occlusion and integrated gradients cost tens of backbone passes per question and step, so they run
+on the first ``question_limits`` questions, occlusion with the coarser grid of ``options`` (both
+sides of every comparison use the same settings, so the check is unaffected). Methods that do not
+apply to a model (MLB attention on LSTM-CNN) are listed in the metrics as skipped.
+
+Writes ``reports/tables/sanity.{csv,md}`` (model, method, modality, step, layers_randomised, n,
+mean, ci_low, ci_high, undefined = constant maps, flagged), ``reports/figures/sanity.png`` and
+``reports/metrics/sanity_check.json``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from pipeline.attribution import explain
+from pipeline.config import abspath, stage_main
+from pipeline.data import processed
+from pipeline.data.errors import DataError
+from pipeline.data.images import ImageTransform
+from pipeline.data.vqa_format import load_image
+from pipeline.evaluation import inputs, randomisation
+from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.stats import summarise
+from pipeline.io import write_json
+from pipeline.models import load_model
+from pipeline.seeding import seed_everything
+
+log = logging.getLogger(__name__)
+
+STAGE = "sanity_check"
+REFERENCE = "random"
+COLUMNS = ["model", "method", "modality", "step", "layers_randomised", "n", "mean", "ci_low",
+           "ci_high", "undefined", "flagged"]
+
+
+def json_safe(value):
+    """The metrics with undefined numbers (NaN: no finite values to average) as null, which
+    every JSON reader (``dvc metrics``) accepts."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def load_questions(cfg, model, count: int):
+    """The first ``count`` validation questions (by image id, then question id) as a batch:
+    (records, images, tokens), built as the attribute stage builds its batches."""
+    processed_dir = abspath(cfg.paths.processed_dir)
+    records = processed.load_question_table(processed_dir, str(cfg.evaluation.split))
+    records = sorted(records, key=lambda r: (r["image_id"], r["question_id"]))[:int(count)]
+    if not records:
+        raise DataError("no validation questions: run `python -m pipeline.prepare` (stage prepare)",
+                        processed.questions_file(processed_dir, str(cfg.evaluation.split)))
+    transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
+    root = abspath(cfg.data.root)
+    cache = {}
+    for r in records:  # one decode per image
+        if r["image"] not in cache:
+            cache[r["image"]] = transform(load_image(root / r["image"]))
+    images = torch.stack([cache[r["image"]] for r in records])
+    length = min(int(cfg.data.max_question_length), max(len(r["token_ids"]) for r in records))
+    tokens = torch.zeros(len(records), max(1, length), dtype=torch.long)
+    for row, r in enumerate(records):
+        ids = r["token_ids"][:length]
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return records, images, tokens
+
+
+def method_groups(methods, limits: dict, total: int) -> dict[int, list[str]]:
+    """Methods grouped by how many of the questions they explain (methods of one group share
+    passes inside one ``explain`` call)."""
+    groups: dict[int, list[str]] = {}
+    for m in methods:
+        groups.setdefault(min(total, int(limits.get(m, total))), []).append(m)
+    return groups
+
+
+def explain_all(model, images, tokens, target, groups, options, resolution: int,
+                seconds: dict | None = None) -> dict:
+    """{method: (image maps N x r x r, question maps N x T or None)} or {method: skip reason};
+    each method's wall time is added to ``seconds`` (logged, never written: it varies)."""
+    out = {}
+    for count, methods in groups.items():
+        results = explain(model, images[:count], tokens[:count], methods=methods,
+                          target=target[:count], options=options)
+        for name, e in results.items():
+            if seconds is not None:
+                seconds[name] = seconds.get(name, 0.0) + e.seconds
+            if e.skipped:
+                out[name] = e.skipped
+                continue
+            image = inputs.to_resolution(e.image_map.detach().float().cpu().numpy(), resolution)
+            question = None if e.question_map is None else e.question_map.detach().float().cpu().numpy()
+            out[name] = (image, question)
+    return out
+
+
+def step_options(options: dict, seed: int, step: int) -> dict:
+    """The options of one step: the random reference redrawn with its own seed every step."""
+    o = copy.deepcopy(options)
+    o.setdefault(REFERENCE, {})["seed"] = int(seed) + step
+    return o
+
+
+def cascade(cfg, model_name: str, s, boot, seed: int) -> tuple[list[dict], dict]:
+    """The rows of the sanity table for one model and its metrics."""
+    processed_dir = abspath(cfg.paths.processed_dir)
+    question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
+    model = load_model(abspath(cfg.paths.models_dir) / model_name / "model.pt",
+                       question_vocab=question_vocab, answer_vocab=answer_vocab).eval()
+    if cfg.backbone.get("channels_last"):
+        model.backbone.to(memory_format=torch.channels_last)
+    records, images, tokens = load_questions(cfg, model, int(s.questions))
+    resolution = int(cfg.evaluation.resolution)
+    options = OmegaConf.to_container(cfg.attribution.options, resolve=True)
+    for method, extra in OmegaConf.to_container(s.options, resolve=True).items():
+        options.setdefault(method, {}).update(extra or {})
+    options.update(score=str(cfg.attribution.score), upsample=str(cfg.attribution.upsample))
+    methods = list(dict.fromkeys([*map(str, s.methods), REFERENCE]))
+    groups = method_groups(methods, OmegaConf.to_container(s.question_limits, resolve=True) or {}, len(records))
+    real_tokens = (tokens != 0).numpy()
+
+    with torch.no_grad():
+        target = model(images, tokens).argmax(1)  # the explained answers, fixed for every step
+    units = randomisation.cascade_units(model, images, tokens)
+    if not s.get("backbone", True):
+        top = units[0][0].split(".")[0]
+        units = [u for u in units if u[0].split(".")[0] == top]
+    # The last step that randomises a unit of the top-level child nearest the output (the head).
+    head_steps = next((k for k, (name, _) in enumerate(units, start=1)
+                       if k == len(units) or units[k][0].split(".")[0] != name.split(".")[0]), 0)
+    working = copy.deepcopy(model)  # randomised step by step; ``model`` and its file stay as trained
+    working_units = dict(working.named_modules())
+    names = ["none"] + [name for name, _ in units]
+    original, skipped, rows, seconds = None, {}, [], {}
+    for step, unit in enumerate(tqdm(names, desc=f"cascade ({model_name})", unit="step")):
+        if step:
+            randomisation.randomise_unit(unit, working_units[unit], seed)
+        current = explain_all(working, images, tokens, target, groups, step_options(options, seed, step),
+                              resolution, seconds)
+        if original is None:  # step 0: the trained maps every later step is compared with
+            original = current
+            skipped = {m: v for m, v in original.items() if isinstance(v, str)}
+            for m, reason in skipped.items():
+                log.info("%s: %s skipped: %s", model_name, m, reason)
+        for method, maps in original.items():
+            if isinstance(maps, str):
+                continue
+            image, question = maps
+            n = len(image)
+            results = [("image", randomisation.image_correlation(image, current[method][0]))]
+            if question is not None and current[method][1] is not None:
+                results.append(("question", randomisation.question_correlation(
+                    question, current[method][1], real_tokens[:n])))
+            for modality, rho in results:
+                summary = summarise(rho, int(boot.samples), float(boot.confidence), seed)
+                rows.append({"model": model_name, "method": method, "modality": modality, "step": step,
+                             "layers_randomised": unit, **summary,
+                             "undefined": int(np.isnan(rho).sum()), "flagged": False})
+    log.info("%s: seconds per method over the cascade: %s", model_name,
+             ", ".join(f"{m} {t:.1f}" for m, t in seconds.items()))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    threshold = float(s.threshold)
+    flagged, after = [], {}
+    for (method, modality), t in table.groupby(["method", "modality"], sort=False):
+        at_head = float(t.loc[t["step"] == head_steps, "mean"].iloc[0])
+        at_end = float(t.loc[t["step"] == len(units), "mean"].iloc[0])
+        after[f"{method}/{modality}"] = {"after_head": at_head, "after_all": at_end}
+        if method != REFERENCE and (at_head > threshold or at_end > threshold):
+            table.loc[t.index, "flagged"] = True
+            flagged.append(f"{method}/{modality}")
+    logits_change = None
+    with torch.no_grad():
+        logits_change = float((working(images, tokens) - model(images, tokens)).abs().max())
+    metrics = {"questions": len(records), "cascade": names[1:], "head_steps": head_steps,
+               "threshold": threshold, "flagged": flagged, "skipped": skipped,
+               "correlation": after, "max_logit_change_after_all": logits_change}
+    for f in flagged:
+        log.warning("%s: %s maps still correlate above %.2f after randomisation", model_name, f, threshold)
+    return table.to_dict("records"), metrics
+
+
+def sanity_figure(table: pd.DataFrame, metrics: dict, threshold: float, path):
+    """Adebayo et al. Fig. 2: rank correlation with the trained model's maps as the layers are
+    randomised from the top down; one panel per model and modality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(table["model"]))
+    modalities = ["image", "question"]
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
+    methods = list(dict.fromkeys(table["method"]))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for row, model in enumerate(models):
+        m = metrics["models"][model]
+        labels = ["none", *m["cascade"]]
+        for col, modality in enumerate(modalities):
+            ax = axes[row][col]
+            t = table[(table["model"] == model) & (table["modality"] == modality)]
+            for method in methods:
+                curve = t[t["method"] == method].sort_values("step")
+                if not len(curve):
+                    continue
+                style = ":" if method == REFERENCE else "-"
+                ax.plot(curve["step"], curve["mean"], style, marker="o", ms=3, color=colours[method],
+                        label=method + (" (flagged)" if curve["flagged"].any() else ""))
+                ax.fill_between(curve["step"], curve["ci_low"], curve["ci_high"], color=colours[method], alpha=0.15)
+            ax.axhline(threshold, color="0.4", ls="--", lw=0.8)
+            ax.axvline(m["head_steps"], color="0.6", ls=":", lw=0.8)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels([label.split(".", 1)[-1] for label in labels], rotation=60, ha="right", fontsize=7)
+            ax.set_ylim(-0.5, 1.05)
+            ax.set_ylabel("Spearman rho with trained maps")
+            ax.set_title(f"{model}: {modality} maps, layers randomised cumulatively from the top")
+            if len(t):
+                ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    ev = cfg.evaluation
+    s, boot, seed = ev.sanity_check, ev.bootstrap, int(ev.seed)
+    seed_everything(seed)
+    rows, metrics = [], {"models": {}}
+    for model_name in ev.models:
+        model_rows, m = cascade(cfg, str(model_name), s, boot, seed)
+        rows += model_rows
+        metrics["models"][str(model_name)] = m
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    write_table(table, tables_dir(cfg) / "sanity.csv")
+    figure = sanity_figure(table, metrics, float(s.threshold), figures_dir(cfg) / "sanity.png")
+    metrics = json_safe(metrics)
+    write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
+    summary = {f"{model}/{key}/{when}": value for model, m in metrics["models"].items()
+               for key, v in m["correlation"].items() for when, value in v.items()}
+    summary.update({f"{model}/flagged": len(m["flagged"]) for model, m in metrics["models"].items()})
+    log_to_wandb(cfg, STAGE, tables={"sanity": table}, figures={"sanity": figure}, summary=summary)
+    log.info("sanity check of %s in %.1f s", list(metrics["models"]), time.perf_counter() - start)
+    return metrics
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

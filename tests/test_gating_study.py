@@ -1,0 +1,338 @@
+"""Stage gating_study (Ummettuguli Tables 1-6 and the top-n sweep): neuron scores against a plain
+autograd loop, the one-pass sweep against ``explain`` at each gate size (full width = Grad-CAM
+exactly), the tables against scipy / plain-loop recomputations, determinism, bad input."""
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from pipeline import gating_study
+from pipeline.attribution import explain
+from pipeline.attribution.probe import Probe
+from pipeline.config import abspath
+from pipeline.data import processed
+from pipeline.data.errors import DataError
+from pipeline.data.images import ImageTransform
+from pipeline.data.vqa_format import load_image
+from pipeline.evaluation import gating, inputs
+from pipeline.evaluation.outputs import tables_dir
+from pipeline.models import load_model
+from tests.conftest import evaluation_config
+
+MODELS = ("lstm_cnn", "mlb")
+
+
+def stage_config(root, tmp_path, *overrides):
+    return evaluation_config(root, f"paths.reports_dir={tmp_path / 'reports'}", *overrides)
+
+
+def model_and_batch(cfg, model_name, question_ids, max_length=None):
+    """The trained model and the (images, tokens) of ``question_ids``, as the attribute stage
+    builds them (tokens padded to ``data.max_question_length``)."""
+    processed_dir = abspath(cfg.paths.processed_dir)
+    qv, av = processed.load_vocabs(processed_dir)
+    model = load_model(abspath(cfg.paths.models_dir) / model_name / "model.pt",
+                       question_vocab=qv, answer_vocab=av).eval()
+    if cfg.backbone.get("channels_last"):  # as the stages run it (float rounding differs)
+        model.backbone.to(memory_format=torch.channels_last)
+    records = {r["question_id"]: r for r in processed.load_question_table(processed_dir, "val")}
+    transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
+    images = torch.stack([transform(load_image(abspath(cfg.data.root) / records[q]["image"]))
+                          for q in question_ids])
+    length = max_length or int(cfg.data.max_question_length)
+    tokens = torch.zeros(len(question_ids), length, dtype=torch.long)
+    for i, q in enumerate(question_ids):
+        ids = records[q]["token_ids"][:length]
+        tokens[i, :len(ids)] = torch.tensor(ids)
+    return model, images, tokens
+
+
+@pytest.fixture(scope="module")
+def stage_run(explained_world, tmp_path_factory):
+    """One run of the stage on the explained tiny world: (config, metrics)."""
+    out = tmp_path_factory.mktemp("gating")
+    cfg = stage_config(explained_world, out)
+    return cfg, gating_study.run(cfg)
+
+
+def read(cfg, name):
+    return pd.read_csv(tables_dir(cfg) / f"{name}.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# library
+
+
+def test_top_neurons_and_jaccard_match_plain_python():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(6, 12)).astype(float)  # many ties
+    top, values = gating.top_neurons(scores, 4)
+    for row, (t, v) in enumerate(zip(top, values)):
+        expected = sorted(range(12), key=lambda i: (-scores[row, i], i))[:4]
+        assert t.tolist() == expected
+        assert v.tolist() == [scores[row, i] for i in expected]
+    # the method's own ordering (torch stable sort, descending) gives the same sets
+    order = torch.sort(torch.tensor(scores), dim=1, descending=True, stable=True).indices[:, :4]
+    assert order.tolist() == top.tolist()
+    pairs = np.array([[0, 1], [2, 3], [4, 4]])
+    j = gating.pair_jaccard(top, pairs)
+    for (a, b), value in zip(pairs, j):
+        sa, sb = set(top[a].tolist()), set(top[b].tolist())
+        assert value == len(sa & sb) / len(sa | sb)
+    assert j[2] == 1.0
+    rho = gating.pair_spearman(scores, pairs[:2])
+    assert rho[0] == pytest.approx(spearmanr(scores[0], scores[1])[0], abs=1e-12)
+
+
+def test_groups_and_unrelated_pairs():
+    rows = [{"question_id": q, "image_id": i, "tokens": t.split(), "question": t}
+            for q, i, t in [(1, 10, "a b"), (2, 10, "c d"), (3, 11, "a b"), (4, 12, "a b"),
+                            (5, 12, "c d"), (6, 13, "e"), (7, 12, "a b")]]
+    same_q = gating.same_question_groups(rows)
+    assert same_q == [("a b", [0, 2, 3]), ("c d", [1, 4])]  # question 7 repeats 4 on image 12
+    same_i = gating.same_image_groups(rows)
+    assert same_i == [(10, [0, 1]), (12, [3, 4])]
+    assert gating.within_group_pairs(same_i).tolist() == [[0, 1], [3, 4]]
+    pairs = gating.unrelated_pairs(rows, 100, seed=0)
+    brute = {(i, j) for i, j in itertools.combinations(range(len(rows)), 2)
+             if rows[i]["image_id"] != rows[j]["image_id"] and rows[i]["tokens"] != rows[j]["tokens"]}
+    assert {tuple(p) for p in pairs.tolist()} == brute  # asked for more than exist: all of them
+    assert len(pairs) == len(brute)
+    few = gating.unrelated_pairs(rows, 3, seed=1)
+    assert len(few) == 3 and {tuple(p) for p in few.tolist()} <= brute
+    assert few.tolist() == gating.unrelated_pairs(rows, 3, seed=1).tolist()
+
+
+def test_gate_sizes():
+    assert gating_study.gate_sizes([1, 5, 100, "full", 2000], 256) == [1, 5, 100, 256]
+    with pytest.raises(ValueError):
+        gating_study.gate_sizes([0], 10)
+
+
+# --------------------------------------------------------------------------------------------
+# against autograd and explain
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_stored_neuron_scores_equal_a_plain_autograd_loop(explained_world, tmp_path, model_name):
+    cfg = stage_config(explained_world, tmp_path)
+    rows, scores = gating_study.load_neuron_scores(cfg, model_name)
+    picked = [0, len(rows) - 1]
+    model, images, tokens = model_and_batch(cfg, model_name, [rows[i]["question_id"] for i in picked])
+    probe = Probe(model, images, tokens, guided=False)
+    F, q = probe["F"], probe["q"]
+    for b, row in enumerate(picked):
+        loop = np.array([torch.autograd.grad(F[b, i], q, retain_graph=True)[0][b].abs().sum().item()
+                         for i in range(F.shape[1])])
+        assert loop.max() > 0
+        np.testing.assert_allclose(scores[row], loop, rtol=1e-4, atol=1e-7 * loop.max())
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_sweep_equals_explain_at_each_gate_size_and_gradcam_at_full_width(explained_world, tmp_path,
+                                                                         model_name):
+    cfg = stage_config(explained_world, tmp_path)
+    truth = inputs.ground_truth_questions(cfg, "val")
+    assert len(truth["pairs"]) >= 3, "the tiny world needs a few same-answer pairs"
+    qids = [q for pair in truth["pairs"][:3] for q in pair]
+    model, images, tokens = model_and_batch(cfg, model_name, qids)
+    width = model.head.classifier.in_features
+    full = explain(model, images, tokens, ["gradcam", "gated_gradcam"],
+                   options={"gated_gradcam": {"top_n": width}})
+    scores = full["gated_gradcam"].extras["neuron_scores"]
+    sizes = [1, 3, 10, width]
+    logits, target, gradcam, gated = gating.gated_gradcam_sweep(model, images, tokens, scores, sizes)
+    assert torch.equal(target, logits.argmax(1))
+    assert torch.equal(gradcam, full["gradcam"].image_map_raw)
+    assert torch.equal(gated[width], gradcam)  # every neuron kept: Grad-CAM exactly
+    assert torch.equal(gated[width], full["gated_gradcam"].image_map_raw)
+    for n in sizes[:-1]:
+        reference = explain(model, images, tokens, ["gated_gradcam"], target=target,
+                            options={"gated_gradcam": {"top_n": n}})["gated_gradcam"]
+        assert torch.equal(gated[n], reference.image_map_raw), n
+    assert not torch.equal(gated[1], gradcam)  # the gate does something
+
+
+# --------------------------------------------------------------------------------------------
+# the stage's tables
+
+
+def test_top_neuron_table_and_overlaps_match_plain_loops(stage_run):
+    cfg, _ = stage_run
+    top = read(cfg, "gating_top_neurons")
+    overlap = read(cfg, "gating_top_neuron_overlap")
+    k = int(cfg.evaluation.gating_study.top_k)
+    assert set(top["case"]) == {"same_question", "same_image"}
+    for model in MODELS:
+        rows, scores = gating_study.load_neuron_scores(cfg, model)
+        row_of = {r["question_id"]: i for i, r in enumerate(rows)}
+        stored = inputs.load_method(cfg, model, "gated_gradcam")
+        stored_row = {q: i for i, q in enumerate(stored["question_ids"].tolist())}
+        t = top[top["model"] == model]
+        for (_, _, qid), g in t.groupby(["case", "group", "question_id"]):
+            s = scores[row_of[qid]]
+            expected = sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
+            assert g.sort_values("rank")["neuron"].tolist() == expected
+            np.testing.assert_allclose(g.sort_values("rank")["score"], s[expected], rtol=1e-5)
+            # the stage's ranking is the method's own (stored top neurons, top_n of the store)
+            n_stored = stored["extra/top_neurons"].shape[1]
+            assert expected[:n_stored] == stored["extra/top_neurons"][stored_row[qid]][:k].tolist()
+        same_q = t[t["case"] == "same_question"]
+        for text, g in same_q.groupby("group"):
+            assert g["image_id"].nunique() == g["question_id"].nunique() >= 2
+            assert {" ".join(rows[row_of[q]]["tokens"]) for q in g["question_id"]} == {text}
+        same_i = t[t["case"] == "same_image"]
+        for image, g in same_i.groupby("group"):
+            assert set(g["image_id"]) == {int(image)}
+        o = overlap[overlap["model"] == model]
+        for _, row in o.iterrows():
+            g = t[(t["case"] == row["case"]) & (t["group"].astype(str) == str(row["group"]))]
+            sets = [set(x["neuron"]) for _, x in g.groupby("question_id")]
+            values = [len(a & b) / len(a | b) for a, b in itertools.combinations(sets, 2)]
+            assert row["n"] == len(values) and row["questions"] == len(sets)
+            assert row["mean"] == pytest.approx(np.mean(values), abs=1e-6)
+
+
+def test_score_correlation_matches_scipy(stage_run):
+    cfg, metrics = stage_run
+    table = read(cfg, "gating_score_correlation")
+    truth = inputs.ground_truth_questions(cfg, "val")
+    assert set(table["case"]) == {"same_question_different_images", "different_questions_same_image",
+                                  "same_answer_pairs", "unrelated"}
+    for model in MODELS:
+        rows, scores = gating_study.load_neuron_scores(cfg, model)
+        row_of = {r["question_id"]: i for i, r in enumerate(rows)}
+        # the deliberate pairs, recomputed with scipy one pair at a time
+        rho = [spearmanr(scores[row_of[a]], scores[row_of[b]])[0] for a, b in truth["pairs"]
+               if a in row_of and b in row_of]
+        row = table[(table["model"] == model) & (table["case"] == "same_answer_pairs")
+                    & (table["measure"] == "spearman")].iloc[0]
+        assert row["n"] == len(rho) and row["mean"] == pytest.approx(np.mean(rho), abs=1e-6)
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+        # same question on different images: every pair, with scipy
+        by_text = {}
+        for r in rows:
+            by_text.setdefault(" ".join(r["tokens"]), {}).setdefault(r["image_id"], row_of[r["question_id"]])
+        rho = [spearmanr(scores[i], scores[j])[0] for per_image in by_text.values()
+               for i, j in itertools.combinations([per_image[k] for k in sorted(per_image)], 2)]
+        row = table[(table["model"] == model) & (table["case"] == "same_question_different_images")
+                    & (table["measure"] == "spearman")].iloc[0]
+        assert row["n"] == len(rho) and row["mean"] == pytest.approx(np.mean(rho), abs=1e-6)
+        m = metrics["models"][model]["score_correlation"]
+        assert m["same_answer_pairs/spearman"] == pytest.approx(
+            float(table[(table["model"] == model) & (table["case"] == "same_answer_pairs")
+                        & (table["measure"] == "spearman")]["mean"].iloc[0]), rel=1e-5)
+
+
+def test_sweep_table_full_width_is_gradcam_and_matches_a_scipy_loop(stage_run):
+    cfg, metrics = stage_run
+    table = read(cfg, "gating_sweep")
+    truth = inputs.ground_truth_questions(cfg, "val")
+    for model in MODELS:
+        t = table[table["model"] == model]
+        width = int(metrics["models"][model]["fusion_width"])
+        assert sorted(set(t.loc[t["method"] == "gated_gradcam", "top_n"])) == \
+            gating_study.gate_sizes(cfg.evaluation.gating_study.sweep.top_n, width)
+        reference = t[t["method"] == "gradcam"].set_index("measure")
+        full = t[(t["method"] == "gated_gradcam") & (t["top_n"] == width)].set_index("measure")
+        assert full["full_width"].all()
+        for column in ("n", "mean", "ci_low", "ci_high", "undefined"):
+            assert full[column].equals(reference[column]), column
+        assert metrics["models"][model]["sweep"]["full_width_max_abs_difference_from_gradcam"] == 0.0
+        # Grad-CAM's rows recomputed from explain() and scipy, one question at a time.
+        qids = [q for pair in truth["pairs"] for q in pair]
+        model_obj, images, tokens = model_and_batch(cfg, model, qids)
+        maps = explain(model_obj, images, tokens, ["gradcam"])["gradcam"].image_map.detach().numpy()
+        small = np.abs(inputs.to_resolution(maps, 16))
+        masks = inputs.ground_truth_maps(cfg, "val", qids, 16)
+        own, other, difference = [], [], []
+        for p, (a, b) in enumerate(truth["pairs"]):
+            ma, mb = small[2 * p].ravel(), small[2 * p + 1].ravel()
+            own += [spearmanr(ma, masks[a].ravel())[0], spearmanr(mb, masks[b].ravel())[0]]
+            other += [spearmanr(ma, masks[b].ravel())[0], spearmanr(mb, masks[a].ravel())[0]]
+            difference.append(1 - spearmanr(ma, mb)[0])
+        for measure, values in (("own_mask", own), ("other_mask", other), ("pair_difference", difference)):
+            finite = [v for v in values if np.isfinite(v)]
+            assert reference.loc[measure, "n"] == len(finite)
+            assert reference.loc[measure, "undefined"] == len(values) - len(finite)
+            assert reference.loc[measure, "mean"] == pytest.approx(np.mean(finite), abs=1e-5)
+
+
+def test_outputs_and_determinism(stage_run, explained_world, tmp_path):
+    cfg, metrics = stage_run
+    names = ["gating_top_neurons", "gating_top_neuron_overlap", "gating_score_correlation", "gating_sweep"]
+    for name in names:
+        assert (tables_dir(cfg) / f"{name}.md").is_file()
+    assert (abspath(cfg.paths.reports_dir) / "figures" / "gating_sweep.png").stat().st_size > 0
+    saved = json.loads((abspath(cfg.paths.metrics_dir) / "gating_study.json").read_text())
+    assert set(saved["models"]) == set(MODELS)
+    again = stage_config(explained_world, tmp_path)
+    gating_study.run(again)
+    for name in names:
+        assert (tables_dir(cfg) / f"{name}.csv").read_bytes() == (tables_dir(again) / f"{name}.csv").read_bytes()
+
+
+def test_real_data_skips_the_sweep(explained_world, tmp_path):
+    cfg = stage_config(explained_world, tmp_path, "data.source=vqa")
+    metrics = gating_study.run(cfg)
+    assert not (tables_dir(cfg) / "gating_sweep.csv").exists()
+    for m in metrics["models"].values():
+        assert "skipped" in m["sweep"]
+    assert "same_answer_pairs" not in set(read(cfg, "gating_score_correlation")["case"])
+
+
+def test_a_store_from_another_model_is_refused(explained_world, tmp_path):
+    cfg = stage_config(explained_world, tmp_path)
+    attributions = tmp_path / "attributions"
+    shutil.copytree(inputs.attribution_dir(cfg, "mlb"), attributions / "mlb")
+    index_path = attributions / "mlb" / "index.json"
+    index = json.loads(index_path.read_text())
+    for q in index["questions"]:
+        q["probability"] = q["probability"] * 0.5
+    index_path.write_text(json.dumps(index))
+    stale = stage_config(explained_world, tmp_path, f"paths.attributions_dir={attributions}",
+                         "evaluation.models=[mlb]")
+    with pytest.raises(DataError, match="pipeline.attribute model=mlb"):
+        gating_study.run(stale)
+
+
+def test_missing_gated_gradcam_names_the_attribute_stage(explained_world, tmp_path):
+    cfg = stage_config(explained_world, tmp_path)
+    attributions = tmp_path / "attributions"
+    shutil.copytree(inputs.attribution_dir(cfg, "lstm_cnn"), attributions / "lstm_cnn")
+    index_path = attributions / "lstm_cnn" / "index.json"
+    index = json.loads(index_path.read_text())
+    del index["methods"]["gated_gradcam"]
+    index_path.write_text(json.dumps(index))
+    broken = stage_config(explained_world, tmp_path, f"paths.attributions_dir={attributions}",
+                          "evaluation.models=[lstm_cnn]")
+    with pytest.raises(DataError, match="attribute"):
+        gating_study.run(broken)
+
+
+def test_stage_logs_to_wandb_offline_once(explained_world, tmp_path, monkeypatch):
+    """A real offline wandb run (WANDB_MODE=offline from conftest): the tables and the figure are
+    accepted by wandb, and the stage logs exactly once."""
+    from pipeline.evaluation import outputs
+
+    calls = []
+    real = outputs.log_to_wandb
+    monkeypatch.setattr(gating_study, "log_to_wandb",
+                        lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
+    cfg = stage_config(explained_world, tmp_path, "logger=wandb", f"paths.log_dir={tmp_path / 'logs'}",
+                       "evaluation.models=[mlb]")
+    metrics = gating_study.run(cfg)
+    assert len(calls) == 1
+    (_, stage), kwargs = calls[0]
+    assert stage == "gating_study"
+    assert set(kwargs["tables"]) == {"gating_top_neurons", "gating_top_neuron_overlap",
+                                     "gating_score_correlation", "gating_sweep"}
+    assert kwargs["figures"]["gating_sweep"].is_file()
+    assert kwargs["summary"]["mlb/same_answer_pairs/spearman"] == pytest.approx(
+        metrics["models"]["mlb"]["score_correlation"]["same_answer_pairs/spearman"])
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))

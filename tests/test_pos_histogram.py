@@ -1,0 +1,228 @@
+"""POS tagging, the most-important-word rules and the pos_histogram stage (Goyal et al. Fig. 3)."""
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import pos_histogram
+from pipeline.data.errors import DataError
+from pipeline.evaluation import inputs, pos
+from tests.conftest import evaluation_config
+
+
+# ---------------------------------------------------------------------------------------------
+# Tagger and groups
+
+
+def test_textblob_tagger_gives_penn_treebank_tags_one_per_token():
+    tagger = pos.make_tagger("textblob")
+    assert tagger.name.startswith("textblob ") and "PatternTagger" in tagger.name
+    tags = tagger.tag(["what", "color", "is", "the", "circle"])
+    assert tags == ("WP", "NN", "VBZ", "DT", "NN")
+    tags = tagger.tag(["how", "many", "squares", "are", "there"])
+    assert tags[0] == "WRB" and tags[2] == "NNS" and tags[4] == "EX"
+    # Contractions stay one token (our tokenizer keeps them whole): still one tag per token.
+    assert len(tagger.tag(["what's", "on", "the", "man's", "shirt"])) == 5
+    assert tagger.tag(["which", "objects", "are", "tiny"])[0] == "WDT"
+
+
+def test_tagger_caches_per_question_and_checks_the_tag_count():
+    tagger = pos.make_tagger("textblob")
+    calls = []
+    original = tagger._tag
+    tagger._tag = lambda tokens: calls.append(tokens) or original(tokens)
+    first = tagger.tag(["is", "there", "a", "red", "cube"])
+    assert tagger.tag(("is", "there", "a", "red", "cube")) == first and len(calls) == 1
+    tagger._tag = lambda tokens: ["NN"]
+    with pytest.raises(ValueError, match="1 tags for the 2 tokens"):
+        tagger.tag(["two", "words"])
+
+
+@pytest.mark.parametrize("tag, group", [
+    ("WDT", "wh-words"), ("WP", "wh-words"), ("WP$", "wh-words"), ("WRB", "wh-words"),
+    ("NN", "nouns"), ("NNS", "nouns"), ("NNP", "nouns"), ("NNPS", "nouns"),
+    ("VB", "verbs"), ("VBZ", "verbs"), ("VBG", "verbs"), ("JJ", "adjectives"), ("JJR", "adjectives"),
+    ("DT", "determiners"), ("PDT", "determiners"), ("IN", "prepositions"), ("CD", "numbers"),
+    ("PRP", "pronouns"), ("PRP$", "pronouns"), ("RB", "adverbs"), ("RBS", "adverbs"),
+    ("CC", "other"), ("EX", "other"), ("MD", "other"), ("UH", "other"),
+])
+def test_tag_groups(tag, group):
+    assert pos.tag_group(tag) == group
+    assert pos.is_noun(tag) == (group == "nouns")
+
+
+def test_nltk_without_its_data_says_how_to_install(monkeypatch, caplog):
+    import nltk
+
+    def missing(resource, *args, **kwargs):
+        raise LookupError(f"Resource {resource} not found")
+
+    monkeypatch.setattr(nltk.data, "find", missing)
+    with pytest.raises(DataError, match="nltk.downloader averaged_perceptron_tagger_eng"):
+        pos.make_tagger("nltk")
+    with caplog.at_level("WARNING"):
+        tagger = pos.make_tagger("auto")
+    assert tagger.kind == "textblob"
+    assert "textblob" in caplog.text and "nltk.downloader" in caplog.text
+    with pytest.raises(ValueError, match="unknown tagger"):
+        pos.make_tagger("spacy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Most important word
+
+
+def test_most_important_word_rules_on_hand_made_arrays():
+    # Occlusion is signed: the word whose removal lowers p(answer) most (largest drop) wins, not
+    # the largest |drop| (removing word 1 raises the probability a lot).
+    occlusion = np.array([[0.1, -0.9, 0.3, 0.0, 0.0]])
+    assert pos.most_important_word(pos.question_importance("occlusion", {"question_map": occlusion})[0], 3) == 2
+    # Ties: the first of the tied tokens.
+    assert pos.most_important_word(np.array([0.2, 0.7, 0.7, 0.1]), 4) == 1
+    # All equal over the real tokens (padding differs): no most important word.
+    assert pos.most_important_word(np.array([0.5, 0.5, 0.5, 0.0]), 3) is None
+    assert pos.most_important_word(np.array([np.nan, 1.0, 0.0]), 3) is None
+    assert pos.most_important_word(np.array([1.0]), 0) is None
+    # Padding beyond the real length never wins.
+    assert pos.most_important_word(np.array([0.1, 0.2, 9.0]), 2) == 1
+    # IG: sum |IG| when stored, otherwise |question_map| (a large negative attribution matters).
+    ig = {"question_map": np.array([[0.2, -0.8, 0.5]])}
+    assert pos.most_important_word(pos.question_importance("integrated_gradients", ig)[0], 3) == 1
+    ig["extra/question_attr_abs"] = np.array([[0.9, 0.1, 0.2]])
+    assert pos.most_important_word(pos.question_importance("integrated_gradients", ig)[0], 3) == 0
+    with pytest.raises(ValueError, match="no most-important-word convention"):
+        pos.question_importance("gradcam", {"question_map": occlusion})
+    assert pos.top_words(np.array([0.3, 0.9, 0.3, 0.9, 5.0]), 4, 3) == [1, 3, 0]
+
+
+def test_most_important_words_counts_invalid_and_constant_questions():
+    questions = [{"tokens": ["a", "b", "c"]}, {"tokens": ["a", "b"]}, {"tokens": ["a", "b", "c"]},
+                 {"tokens": ["a", "b", "c", "d", "e"]}]
+    importance = np.array([[0.1, 0.3, 0.2], [0.4, 0.4, 0.9], [5.0, 0.0, 0.0], [0.0, 0.1, 0.2]])
+    found = pos_histogram.most_important_words(questions, importance, np.array([True, True, False, True]))
+    # question 1 is constant over its 2 real tokens; question 3 is cut at the store's width (3).
+    assert found == {"winners": {0: 1, 3: 2}, "invalid": 1, "constant": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on the explained world
+
+
+def _plain_recount(index, arrays, method, tagger, tags):
+    """P(most important | tag) by a plain loop, independent of the stage's helpers."""
+    importance = arrays["question_map"].astype(np.float64)
+    if method == "integrated_gradients":
+        importance = arrays["extra/question_attr_abs"].astype(np.float64)
+    tokens_with_tag, winners_with_tag = Counter(), Counter()
+    for row, q in enumerate(index["questions"]):
+        if not arrays["valid"][row]:
+            continue
+        n = min(len(q["tokens"]), importance.shape[1])
+        scores = list(importance[row, :n])
+        if len(set(scores)) <= 1:
+            continue
+        best = 0
+        for i in range(n):
+            if scores[i] > scores[best]:
+                best = i
+        question_tags = tagger.tag(q["tokens"][:n])
+        for t in question_tags:
+            tokens_with_tag[t] += 1
+        winners_with_tag[question_tags[best]] += 1
+    return {t: (tokens_with_tag[t], winners_with_tag[t]) for t in tags}
+
+
+def test_stage_matches_a_plain_recount(explained_world, tmp_path):
+    reports = tmp_path / "reports"
+    cfg = evaluation_config(explained_world, "evaluation.pos_histogram.tagger=textblob",
+                            "evaluation.bootstrap.samples=200", f"paths.reports_dir={reports}")
+    result = pos_histogram.run(cfg)
+    table = pd.read_csv(reports / "tables" / "pos_histogram.csv")
+    assert list(table.columns) == pos_histogram.HISTOGRAM_COLUMNS
+    assert set(table.method) == {"guided_backprop", "occlusion", "hadamard", "integrated_gradients"}
+    tagger = pos.make_tagger("textblob")
+    assert (table.tagger == tagger.name).all()
+    for model in ("lstm_cnn", "mlb"):
+        index = inputs.load_store(cfg, model)
+        # tags by frequency over every token of every question, ties alphabetical
+        width = inputs.load_method(cfg, model, "occlusion")["question_map"].shape[1]
+        frequency = Counter(t for q in index["questions"] for t in tagger.tag(q["tokens"][:width]))
+        expected_order = sorted(frequency, key=lambda t: (-frequency[t], t))[:15]
+        for method in ("guided_backprop", "occlusion", "hadamard", "integrated_gradients"):
+            rows = table[(table.model == model) & (table.method == method)]
+            assert rows.tag.tolist() == expected_order
+            recount = _plain_recount(index, inputs.load_method(cfg, model, method), method, tagger,
+                                     expected_order)
+            for row in rows.itertuples():
+                count, winners = recount[row.tag]
+                assert (row.tag_count, row.most_important) == (count, winners)
+                expected = winners / count if count else np.nan
+                assert row.p_most_important == pytest.approx(expected, rel=1e-5, nan_ok=True)  # CSV: 6 digits
+                assert row.group == pos.tag_group(row.tag)
+            assert rows.most_important.sum() <= len(index["questions"])
+
+    truth = pd.read_csv(reports / "tables" / "pos_ground_truth.csv")
+    assert len(truth) == 8
+    gt = inputs.ground_truth_questions(cfg, "val")["questions"]
+    index = inputs.load_store(cfg, "mlb")
+    arrays = inputs.load_method(cfg, "mlb", "occlusion")
+    hits, chances = [], []
+    for row, q in enumerate(index["questions"]):
+        scores = arrays["question_map"][row, :len(q["tokens"])].astype(np.float64)
+        if not arrays["valid"][row] or (scores == scores[0]).all():
+            continue
+        important = gt[q["question_id"]]["word_indices"]
+        hits.append(int(np.argmax(scores)) in important)
+        chances.append(len(important) / len(q["tokens"]))
+    row = truth[(truth.model == "mlb") & (truth.method == "occlusion")].iloc[0]
+    assert row.n == len(hits)
+    assert row.share_ground_truth == pytest.approx(np.mean(hits), abs=1e-6)
+    assert row.chance == pytest.approx(np.mean(chances), abs=1e-6)
+    assert row.ci_low <= row.share_ground_truth <= row.ci_high
+
+    metrics = json.loads((reports / "metrics" / "pos_histogram.json").read_text())
+    assert metrics["tagger"] == tagger.name
+    assert metrics["ground_truth_share"]["mlb"]["occlusion"]["share_ground_truth"] == pytest.approx(np.mean(hits))
+    assert result["questions"]["mlb"] == len(index["questions"])
+    png = reports / "figures" / "pos_histogram.png"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 600 and im.size[1] > 400
+
+
+def test_two_runs_give_byte_identical_tables(explained_world, tmp_path):
+    outputs = []
+    for k in range(2):
+        cfg = evaluation_config(explained_world, f"paths.reports_dir={tmp_path / str(k)}",
+                                "evaluation.bootstrap.samples=100")
+        pos_histogram.run(cfg)
+        outputs.append([(tmp_path / str(k) / "tables" / name).read_bytes()
+                        for name in ("pos_histogram.csv", "pos_ground_truth.csv")])
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0].count(b"\n") > 10
+
+
+def test_skipped_and_missing_methods(explained_world, tmp_path):
+    # Work on a copy: the fixture store is shared.
+    store = tmp_path / "attributions"
+    shutil.copytree(explained_world / "attributions" / "synthetic_tiny", store)
+    overrides = [f"paths.attributions_dir={store}", f"paths.reports_dir={tmp_path / 'reports'}",
+                 "evaluation.bootstrap.samples=50"]
+    index_file = store / "lstm_cnn" / "index.json"
+    index = json.loads(index_file.read_text())
+    index["methods"]["hadamard"] = {"skipped": "the model has no fusion", "arrays": []}
+    index_file.write_text(json.dumps(index))
+    result = pos_histogram.run(evaluation_config(explained_world, *overrides))
+    assert result["skipped"] == {"lstm_cnn": {"hadamard": "the model has no fusion"}}
+    table = result["tables"]["pos_histogram"]
+    assert not ((table.model == "lstm_cnn") & (table.method == "hadamard")).any()
+    assert ((table.model == "mlb") & (table.method == "hadamard")).any()
+
+    del index["methods"]["occlusion"]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(DataError, match="pipeline.attribute model=lstm_cnn"):
+        pos_histogram.run(evaluation_config(explained_world, *overrides))

@@ -1,0 +1,250 @@
+"""Stage rank_correlation (Goyal et al. 4.1, Table 1): per-question Spearman against scipy in a
+plain loop, the counted exclusions, resizing of odd-sized human maps, determinism, the table."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.stats import spearmanr
+
+from pipeline import rank_correlation
+from pipeline.config import abspath
+from pipeline.data.errors import DataError
+from pipeline.evaluation import inputs
+from tests.conftest import evaluation_config
+
+MODELS = ("lstm_cnn", "mlb")
+
+
+def stage_config(root, tmp_path, *overrides):
+    """The explained world's config with the reports under ``tmp_path`` (the fixture is shared)."""
+    return evaluation_config(root, f"paths.reports_dir={tmp_path / 'reports'}", *overrides)
+
+
+def copy_world_inputs(cfg, tmp_path):
+    """Copies of the attribution stores and of the processed dir, and the overrides that point
+    the config at them."""
+    attributions = tmp_path / "attributions"
+    for model in MODELS:
+        shutil.copytree(inputs.attribution_dir(cfg, model), attributions / model)
+    processed = tmp_path / "processed"
+    shutil.copytree(abspath(cfg.paths.processed_dir), processed)
+    return attributions, processed, [f"paths.attributions_dir={attributions}",
+                                     f"paths.processed_dir={processed}"]
+
+
+def loop_question_rho(cfg, model, method, resolution=16):
+    """question id -> mean over annotators of scipy's Spearman, one question at a time."""
+    index = inputs.load_store(cfg, model)
+    qids = [q["question_id"] for q in index["questions"]]
+    arrays = inputs.load_method(cfg, model, method)
+    humans = inputs.human_maps(cfg, "val", qids, resolution)
+    out = {}
+    for i, q in enumerate(qids):
+        if not arrays["valid"][i] or q not in humans:
+            continue
+        small = inputs.to_resolution(np.abs(arrays["image_map"][i].astype(np.float32)), resolution)
+        if np.all(small == small.flat[0]):
+            continue
+        values = [spearmanr(small.ravel(), h.ravel())[0] for h in humans[q]]
+        values = [v for v in values if np.isfinite(v)]
+        if values:
+            out[q] = float(np.mean(values))
+    return out
+
+
+def test_per_question_spearman_matches_scipy_in_a_loop(explained_world, tmp_path):
+    cfg = stage_config(explained_world, tmp_path)
+    for model, method in (("mlb", "guided_backprop"), ("lstm_cnn", "occlusion"), ("mlb", "attention")):
+        index = inputs.load_store(cfg, model)
+        qids = [q["question_id"] for q in index["questions"]]
+        maps, valid = rank_correlation.load_image_maps(cfg, model, method, qids)
+        small = inputs.to_resolution(np.abs(maps), 16)
+        rho, counts = rank_correlation.score_maps(small, valid, qids, inputs.human_maps(cfg, "val", qids, 16))
+        expected = loop_question_rho(cfg, model, method)
+        assert len(expected) > 10
+        assert set(np.asarray(qids)[np.isfinite(rho)].tolist()) == set(expected)
+        for i, q in enumerate(qids):
+            if q in expected:
+                assert rho[i] == pytest.approx(expected[q], abs=1e-9)
+        assert counts["invalid"] == int((~valid).sum())
+
+    # The stage's row is the mean of exactly these per-question values.
+    table = rank_correlation.run(cfg)["table"]
+    expected = loop_question_rho(cfg, "mlb", "guided_backprop")
+    row = table[(table.model == "mlb") & (table.method == "guided_backprop") & (table.reference == "human")].iloc[0]
+    assert row["n"] == len(expected)
+    assert row["mean"] == pytest.approx(np.mean(list(expected.values())), abs=1e-12)
+    assert row["ci_low"] < row["mean"] < row["ci_high"]
+
+    # Inter-human row: each pair of annotators of a question, averaged per question.
+    index = inputs.load_store(cfg, "mlb")
+    humans = inputs.human_maps(cfg, "val", [q["question_id"] for q in index["questions"]], 16)
+    per_question = []
+    for maps in humans.values():
+        pairs = [spearmanr(maps[a].ravel(), maps[b].ravel())[0]
+                 for a in range(len(maps)) for b in range(a + 1, len(maps))]
+        pairs = [p for p in pairs if np.isfinite(p)]
+        if pairs:
+            per_question.append(np.mean(pairs))
+    human = table[(table.model == "human") & (table.reference == "human")].iloc[0]
+    assert human["n"] == len(per_question)
+    assert human["mean"] == pytest.approx(np.mean(per_question), abs=1e-12)
+
+
+def test_injected_maps_missing_and_odd_sized_human_maps(explained_world, tmp_path):
+    base = stage_config(explained_world, tmp_path)
+    attributions, processed, overrides = copy_world_inputs(base, tmp_path)
+    cfg = stage_config(explained_world, tmp_path, *overrides)
+    model, method = "mlb", "guided_backprop"
+    index = inputs.load_store(cfg, model)
+    qids = [q["question_id"] for q in index["questions"]]
+    original = rank_correlation.run(cfg)["table"]
+    before = original[(original.model == model) & (original.method == method) & (original.reference == "human")].iloc[0]
+    assert before["constant"] == 0 and before["no_reference_map"] == 0 and before["invalid"] == 0
+
+    hat_file = processed / "hat_val.json"
+    hat = json.loads(hat_file.read_text())
+    data_root = abspath(cfg.data.root)
+    same, odd = qids[0], qids[3]  # qids[1]: constant map, qids[2]: invalid
+    no_map = qids[4:7]
+    # One annotator for `same`, with a map constant on each of the 16 x 16 cells (distinct
+    # values), and the method's map made equal to it at the input size: rho exactly 1.
+    cells = np.random.default_rng(4).permutation(256).reshape(16, 16).astype(np.uint8)
+    same_png = tmp_path / "same" / f"{same}_1.png"
+    same_png.parent.mkdir()
+    Image.fromarray(np.kron(cells, np.ones((2, 2), np.uint8))).save(same_png)
+    hat[str(same)] = [os.path.relpath(same_png, data_root)]
+    for q in no_map:
+        del hat[str(q)]
+    # A human map of another size (and not square): resized like any other, not rejected.
+    odd_png = tmp_path / "odd" / f"{odd}_1.png"
+    odd_png.parent.mkdir()
+    odd_map = np.random.default_rng(5).integers(0, 255, (45, 70), dtype=np.uint8)
+    Image.fromarray(odd_map).save(odd_png)
+    hat[str(odd)] = [os.path.relpath(odd_png, data_root)]
+    hat_file.write_text(json.dumps(hat))
+
+    store = attributions / model / f"{method}.npz"
+    with np.load(store) as data:
+        arrays = {k: data[k] for k in data.files}
+    image_map = arrays["image_map"].astype(np.float32)
+    size = image_map.shape[-1]
+    image_map[0] = np.kron(cells.astype(np.float32) / 255.0, np.ones((size // 16, size // 16), np.float32))
+    image_map[1] = 0.25
+    image_map[2, 0, 0] = np.nan
+    arrays["valid"][2] = False
+    arrays["image_map"] = image_map
+    arrays.pop("image_map_scale", None)  # the maps written here are at their own scale
+    np.savez_compressed(store, **arrays)
+
+    maps, valid = rank_correlation.load_image_maps(cfg, model, method, qids)
+    humans = inputs.human_maps(cfg, "val", qids, 16)
+    assert humans[odd].shape == (1, 16, 16)
+    assert np.allclose(humans[odd][0], inputs.to_resolution(odd_map / 255.0, 16), atol=1e-6)
+    rho, counts = rank_correlation.score_maps(inputs.to_resolution(np.abs(maps), 16), valid, qids, humans)
+    assert rho[0] == pytest.approx(1.0, abs=1e-12)
+    assert np.isnan(rho[1]) and np.isnan(rho[2])
+    assert np.isfinite(rho[3])
+    assert counts == {"constant": 1, "ties": counts["ties"], "no_reference_map": 3, "invalid": 1,
+                      "constant_reference": 0}
+
+    table = rank_correlation.run(cfg)["table"]
+    row = table[(table.model == model) & (table.method == method) & (table.reference == "human")].iloc[0]
+    assert (row["constant"], row["no_reference_map"], row["invalid"]) == (1, 3, 1)
+    assert row["n"] == len(qids) - 5
+    assert row["mean"] == pytest.approx(np.nanmean(rho), abs=1e-12)
+    # Against the ground truth every question has a reference: only constant and invalid go.
+    truth = table[(table.model == model) & (table.method == method) & (table.reference == "ground_truth")].iloc[0]
+    assert (truth["constant"], truth["no_reference_map"], truth["invalid"]) == (1, 0, 1)
+    assert truth["n"] == len(qids) - 2 - truth["constant_reference"]
+    # The other model's rows saw the same human maps: its missing questions are counted too.
+    other = table[(table.model == "lstm_cnn") & (table.method == method) & (table.reference == "human")].iloc[0]
+    assert other["no_reference_map"] == 3
+
+
+def test_exact_copy_of_a_single_annotator_map_has_rho_one():
+    rng = np.random.default_rng(0)
+    human = rng.random((4, 1, 16, 16))
+    maps = human[:, 0].copy()
+    maps[3] = 1.0
+    rho, counts = rank_correlation.score_maps(maps, np.ones(4, bool), [1, 2, 3, 4],
+                                              {q: human[i] for i, q in enumerate([1, 2, 3, 4])})
+    assert rho[:3] == pytest.approx(1.0)
+    assert np.isnan(rho[3]) and counts["constant"] == 1
+
+
+def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, tmp_path):
+    first = stage_config(explained_world, tmp_path / "a")
+    second = stage_config(explained_world, tmp_path / "b")
+    result = rank_correlation.run(first)
+    rank_correlation.run(second)
+    csv_a = tmp_path / "a" / "reports" / "tables" / "rank_correlation.csv"
+    csv_b = tmp_path / "b" / "reports" / "tables" / "rank_correlation.csv"
+    assert csv_a.read_bytes() == csv_b.read_bytes()
+
+    table = pd.read_csv(csv_a, keep_default_na=False)
+    assert list(table.columns) == rank_correlation.COLUMNS
+    assert (tmp_path / "a" / "reports" / "figures" / "rank_correlation.png").stat().st_size > 1000
+    md = (tmp_path / "a" / "reports" / "tables" / "rank_correlation.md").read_text()
+    assert "95% CI" in md and "no reference map" in md
+    for reference in ("human", "ground_truth"):
+        part = table[table.reference == reference]
+        for model in MODELS:
+            methods = part[part.model == model].method.tolist()
+            stored = inputs.available_methods(inputs.load_store(first, model))
+            assert methods == ["random", *[m for m in stored if m != "random"]]
+            assert methods[0] == "random" and part[part.model == model].beats_random.iloc[0] == ""
+            assert set(part[part.model == model].beats_random.iloc[1:]) <= {"True", "False"}
+        assert ("attention" in part[part.model == "mlb"].method.tolist()
+                and "attention" not in part[part.model == "lstm_cnn"].method.tolist())
+        assert part.iloc[-1].model == "human" and part.iloc[-1].method == "human"
+    # beats_random is the interval comparison, row by row.
+    df = result["table"]
+    for row in df[(df.method != "random") & (df.model != "human")].itertuples():
+        random_row = df[(df.model == row.model) & (df.method == "random") & (df.reference == row.reference)].iloc[0]
+        assert row.beats_random == (row.ci_low > random_row.ci_high)
+    metrics = json.loads((tmp_path / "a" / "reports" / "metrics" / "rank_correlation.json").read_text())
+    assert set(metrics) == {"lstm_cnn", "mlb", "human", "not_beating_random"}
+    assert metrics["mlb"]["attention"]["human"] == pytest.approx(
+        df[(df.model == "mlb") & (df.method == "attention") & (df.reference == "human")]["mean"].iloc[0])
+    assert sorted(metrics["not_beating_random"]) == sorted(
+        f"{r.model}/{r.method}/{r.reference}" for r in df.itertuples() if r.beats_random is False)
+
+
+def test_resolution_14_option(explained_world, tmp_path):
+    cfg = stage_config(explained_world, tmp_path, "evaluation.resolution=14", "evaluation.models=[mlb]")
+    table = rank_correlation.run(cfg)["table"]
+    assert set(table.model) == {"mlb", "human"}
+    expected = loop_question_rho(cfg, "mlb", "occlusion", resolution=14)
+    row = table[(table.method == "occlusion") & (table.reference == "human")].iloc[0]
+    assert row["mean"] == pytest.approx(np.mean(list(expected.values())), abs=1e-12)
+
+
+def test_empty_store_names_the_attribute_stage(explained_world, tmp_path):
+    base = stage_config(explained_world, tmp_path)
+    attributions, _, overrides = copy_world_inputs(base, tmp_path)
+    index_file = attributions / "mlb" / "index.json"
+    index = json.loads(index_file.read_text())
+    index["questions"] = []
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(DataError, match="pipeline.attribute"):
+        rank_correlation.run(stage_config(explained_world, tmp_path, *overrides))
+    with pytest.raises(DataError, match="pipeline.attribute"):
+        rank_correlation.run(stage_config(explained_world, tmp_path, f"paths.attributions_dir={tmp_path / 'none'}"))
+
+
+def test_stage_logs_its_table_and_figure_once(explained_world, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rank_correlation, "log_to_wandb", lambda *args, **kwargs: calls.append((args, kwargs)))
+    result = rank_correlation.run(stage_config(explained_world, tmp_path, "evaluation.models=[lstm_cnn]"))
+    assert len(calls) == 1
+    (cfg, stage), kwargs = calls[0]
+    assert stage == "rank_correlation"
+    assert kwargs["tables"]["rank_correlation"].equals(result["table"])
+    assert kwargs["figures"]["rank_correlation"].is_file()
+    assert kwargs["summary"]["lstm_cnn/random/human"] == pytest.approx(
+        result["table"].query("model == 'lstm_cnn' and method == 'random' and reference == 'human'")["mean"].iloc[0])

@@ -1,0 +1,285 @@
+"""The report stage: README.md assembles every table and figure with the published values and
+their citations, index.html shows the sampled questions with overlays that exist and open,
+missing inputs name the stage that writes them, and the output is byte-identical run to run."""
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import report
+from pipeline.data.errors import DataError
+from pipeline.evaluation import inputs
+from pipeline.evaluation.outputs import write_table
+from pipeline.evaluation.published import PUBLISHED, OurValue, PublishedValue
+from pipeline.viz.gallery import correctness, render_entry_images, sample_questions
+from tests.conftest import evaluation_config
+
+TAGGER = "test-tagger 1.0"
+
+
+def fake_tables() -> dict[str, pd.DataFrame]:
+    """Small stand-ins for what the evaluation stages write (only the columns the report relies
+    on are the documented ones; the rest is free-form, as the report must render any table)."""
+    rank_rows = []
+    verdicts = {("lstm_cnn", "gradcam"): False, ("lstm_cnn", "occlusion"): True,
+                ("lstm_cnn", "guided_backprop"): False, ("mlb", "gradcam"): True,
+                ("mlb", "occlusion"): True, ("mlb", "guided_backprop"): True, ("mlb", "attention"): False}
+    for reference in ("human", "ground_truth"):
+        for model in ("lstm_cnn", "mlb"):
+            methods = ["random", "gradcam", "occlusion", "guided_backprop"] + (["attention"] if model == "mlb" else [])
+            for k, method in enumerate(methods):
+                beats = "" if method == "random" else verdicts[(model, method)]
+                if reference == "human" and method != "random":
+                    beats = True  # against humans everything beats random: the report must use ground truth
+                rank_rows.append({"model": model, "method": method, "reference": reference, "resolution": 16,
+                                  "n": 12, "mean": 0.1 * k + (0.01 if model == "mlb" else 0.0),
+                                  "ci_low": 0.1 * k - 0.02, "ci_high": 0.1 * k + 0.02, "beats_random": beats})
+        rank_rows.append({"model": "human", "method": "human", "reference": reference, "resolution": 16,
+                          "n": 12, "mean": 0.61 if reference == "human" else 0.7, "ci_low": 0.5,
+                          "ci_high": 0.7, "beats_random": ""})
+    return {
+        "rank_correlation": pd.DataFrame(rank_rows),
+        "pos_histogram": pd.DataFrame({"model": ["mlb", "mlb"], "method": ["occlusion"] * 2,
+                                       "tagger": [TAGGER] * 2, "tag": ["NN", "WP"], "group": ["nouns", "wh-words"],
+                                       "tag_count": [20, 12], "most_important": [11, 1],
+                                       "p_most_important": [0.55, 0.083]}),
+        "pos_ground_truth": pd.DataFrame({"model": ["mlb"], "method": ["occlusion"], "share": [0.71], "chance": [0.3]}),
+        "failure_prediction": pd.DataFrame({"model": ["lstm_cnn", "lstm_cnn"], "feature_set": ["flips", "flips+confidence"],
+                                            "accuracy": [0.6875, 0.75], "majority": [0.6, 0.6]}),
+        "hadamard": pd.DataFrame({"model": ["mlb"], "comparison": ["glimpse 1"], "mean": [0.42]}),
+        "gating_top_neurons": pd.DataFrame({"model": ["mlb"] * 60, "rank": list(range(1, 61)),
+                                            "neuron": list(range(60)), "score": np.linspace(1, 0, 60)}),
+        "gating_score_correlation": pd.DataFrame({"model": ["mlb"], "case": ["same_question"], "mean": [0.9]}),
+        "gating_sweep": pd.DataFrame({"model": ["mlb"], "n": [10], "own_mask": [0.3]}),
+        "sanity": pd.DataFrame({"model": ["mlb"], "method": ["gradcam"], "step": [1], "mean": [0.1], "flagged": [False]}),
+    }
+
+
+FIGURES = ["rank_correlation", "pos_histogram", "failure_prediction", "hadamard_1", "hadamard_2",
+           "gating_sweep", "sanity"]
+
+
+def make_reports(world: Path, tmp_path: Path) -> Path:
+    """A reports folder in tmp_path (the fixture world stays read-only): the fake tables and
+    figures plus the world's real metrics files (training accuracy)."""
+    reports = tmp_path / "reports"
+    for name, frame in fake_tables().items():
+        write_table(frame, reports / "tables" / f"{name}.csv")
+    for k, name in enumerate(FIGURES):
+        (reports / "figures").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 10), (k * 30, 0, 0)).save(reports / "figures" / f"{name}.png")
+    shutil.copytree(world / "reports" / "metrics", reports / "metrics")
+    return reports
+
+
+def config(world, reports, *overrides):
+    return evaluation_config(world, f"paths.reports_dir={reports}", *overrides)
+
+
+@pytest.fixture
+def reported(explained_world, tmp_path):
+    reports = make_reports(explained_world, tmp_path)
+    cfg = config(explained_world, reports)
+    return cfg, reports, report.run(cfg)
+
+
+def test_readme_has_every_table_figure_and_published_citation(reported, explained_world):
+    cfg, reports, result = reported
+    readme = (reports / "README.md").read_text()
+    # Loud synthetic note, models with the accuracy from their training metrics, tagger, seeds.
+    assert "NOT on VQA / COCO / VQA-HAT" in readme
+    for model in ("lstm_cnn", "mlb"):
+        acc = pd.read_json(explained_world / "reports" / "metrics" / f"train_{model}.json", typ="series")["val/acc"]
+        assert re.search(rf"\| {model} \| {acc:.3f} \|", readme), model
+    assert TAGGER in readme and f"evaluation seed {cfg.evaluation.seed}" in readme
+    # Every table embedded as the stage wrote it (the long one folded, still complete).
+    for name in fake_tables():
+        assert (reports / "tables" / f"{name}.md").read_text() in readme, name
+    assert "<details><summary>table gating_top_neurons (60 rows)" in readme
+    # Every figure linked relatively, and the link resolves.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert sorted(Path(l).stem for l in links) == sorted(FIGURES)
+    assert all((reports / l).is_file() for l in links)
+    # Sections in DESIGN.md order.
+    order = [readme.index(s.title) for s in report.SECTIONS]
+    assert order == sorted(order)
+    # Every published entry with its citation; none verified, so none shows a number.
+    for p in PUBLISHED:
+        assert p.quantity in readme and p.where in readme
+    assert readme.count(report.NOT_VERIFIED) == len(PUBLISHED)
+    # Our counterparts located in the tables: lstm_cnn occlusion vs human = 0.2, failure 0.6875.
+    assert "| rank correlation with human attention: occlusion | 0.200 (lstm_cnn, occlusion vs human)" in readme
+    assert "0.688 (lstm_cnn, flip features)" in readme
+    assert result["tables_included"] == len(fake_tables()) and result["absent_sections"] == []
+
+
+def test_methods_not_beating_random_use_the_ground_truth_rows(reported):
+    _, reports, result = reported
+    readme = (reports / "README.md").read_text()
+    section = readme[readme.index("## Which methods do not beat random"):readme.index("## Sanity")]
+    assert "| lstm_cnn | gradcam, guided_backprop | occlusion | (none) |" in section
+    assert "| mlb | attention | gradcam, occlusion, guided_backprop | (none) |" in section
+    assert result["not_beating_random"] == {"lstm_cnn": ["gradcam", "guided_backprop"], "mlb": ["attention"]}
+
+
+def test_gallery_shows_the_sampled_questions_with_existing_overlays(reported, explained_world):
+    cfg, reports, result = reported
+    page = (reports / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page  # nothing fetched from the network
+    entries = re.findall(r'<div class="entry" data-model="([^"]+)" data-qid="(\d+)" '
+                         r'data-answer-type="([^"]+)" data-correct="([^"]+)">', page)
+    n = int(cfg.evaluation.report.gallery.questions)
+    for model in ("lstm_cnn", "mlb"):
+        index = inputs.load_store(cfg, model)
+        rows = {q["question_id"]: q for q in index["questions"]}
+        shown = [(int(q), t, c) for m, q, t, c in entries if m == model]
+        assert len(shown) == min(n, len(rows)) == result["gallery_questions"][model]
+        assert len({q for q, _, _ in shown}) == len(shown)
+        # Entries agree with the store, and the sample covers every answer type it has.
+        for qid, answer_type, status in shown:
+            assert rows[qid]["answer_type"] == answer_type and correctness(rows[qid]["correct"]) == status
+        assert {t for _, t, _ in shown} == {q["answer_type"] for q in rows.values()}
+        methods = inputs.available_methods(index)
+        size = inputs.load_method(cfg, model, methods[0])["image_map"].shape[-1]
+        for qid, _, _ in shown:
+            for method in methods:
+                assert f'src="gallery/{model}/{qid}_{method}.png"' in page
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    n_methods = {m: len(inputs.available_methods(inputs.load_store(cfg, m))) for m in ("lstm_cnn", "mlb")}
+    assert len(sources) == sum(result["gallery_questions"][m] * (1 + n_methods[m]) for m in n_methods)
+    for src in sources:
+        with Image.open(reports / src) as im:
+            assert im.size == (size, size) and im.mode == "RGB"
+    # One checkbox per method that ran anywhere; the filters exist.
+    for method in inputs.available_methods(inputs.load_store(cfg, "mlb")):
+        assert f'class="f-method" value="{method}"' in page
+    assert 'id="f-model"' in page and 'id="f-type"' in page and "function applyFilters" in page
+
+
+def test_report_is_byte_identical_across_runs(reported, explained_world, tmp_path):
+    cfg, reports, _ = reported
+    first = {p: p.read_bytes() for p in [reports / "README.md", reports / "index.html",
+                                         *sorted((reports / "gallery").rglob("*.png"))]}
+    report.run(cfg)
+    second = {p: p.read_bytes() for p in [reports / "README.md", reports / "index.html",
+                                          *sorted((reports / "gallery").rglob("*.png"))]}
+    assert first.keys() == second.keys() and all(first[p] == second[p] for p in first)
+
+
+def test_missing_table_or_figure_names_the_stage(explained_world, tmp_path):
+    reports = make_reports(explained_world, tmp_path)
+    cfg = config(explained_world, reports)
+    (reports / "tables" / "gating_sweep.md").unlink()
+    with pytest.raises(DataError, match=r"pipeline\.gating_study"):
+        report.run(cfg)
+    assert not (reports / "README.md").exists() and not (reports / "index.html").exists()
+    write_table(fake_tables()["gating_sweep"], reports / "tables" / "gating_sweep.csv")
+    (reports / "figures" / "sanity.png").unlink()
+    with pytest.raises(DataError, match=r"pipeline\.sanity_check"):
+        report.run(cfg)
+    (reports / "tables" / "rank_correlation.csv").unlink()
+    with pytest.raises(DataError, match=r"rank_correlation\.csv.*pipeline\.rank_correlation"):
+        report.run(cfg)
+
+
+def test_data_without_ground_truth_reports_the_absent_sections(explained_world, tmp_path):
+    reports = make_reports(explained_world, tmp_path)
+    for name in ("pos_ground_truth", "gating_sweep"):
+        (reports / "tables" / f"{name}.csv").unlink()
+        (reports / "tables" / f"{name}.md").unlink()
+    (reports / "figures" / "gating_sweep.png").unlink()
+    frame = fake_tables()["rank_correlation"]
+    write_table(frame[frame["reference"] == "human"], reports / "tables" / "rank_correlation.csv")
+    cfg = config(explained_world, reports, "data.source=vqa")
+    result = report.run(cfg)
+    readme = (reports / "README.md").read_text()
+    assert "NOT on VQA" not in readme
+    assert readme.count("has no ground truth") >= 3
+    assert result["absent_sections"] == ["pos_ground_truth", "gating_sweep"]
+    # Without ground truth the verdict falls back, explicitly, on the human maps: all beat random.
+    assert "the reference is the human attention maps" in readme
+    assert result["not_beating_random"] == {"lstm_cnn": [], "mlb": []}
+
+
+def test_a_verified_published_value_is_shown_next_to_ours(explained_world, tmp_path, monkeypatch):
+    verified = PublishedValue("test_occlusion", "rank_correlation", "occlusion test quantity",
+                              "Someone et al. A paper. 2016", "Table 9", "some data",
+                              OurValue("rank_correlation", {"model": "mlb", "method": "occlusion",
+                                                            "reference": "human"}, ("mean",), "mlb, occlusion"),
+                              value=0.173, source="a test copy, p. 4")
+    unlocatable = PublishedValue("test_missing", "rank_correlation", "absent quantity", "X et al.", "Table 1",
+                                 "d", OurValue("rank_correlation", {"model": "mlb", "method": "no_such"}))
+    monkeypatch.setattr(report, "PUBLISHED", (verified, unlocatable))
+    reports = make_reports(explained_world, tmp_path)
+    report.run(config(explained_world, reports))
+    readme = (reports / "README.md").read_text()
+    assert ("| occlusion test quantity | 0.210 (mlb, occlusion) | 0.173 (some data; checked at a test copy, "
+            "p. 4) | Someone et al. A paper. 2016; Table 9 |") in readme
+    assert "| absent quantity | not located: no row of rank_correlation matches" in readme
+
+
+def test_locate_finds_one_row_and_refuses_ambiguity():
+    frame = pd.DataFrame({"model": ["a", "a", "b"], "feature_set": ["flips", "other", "flips"],
+                          "accuracy": [0.5, 0.6, 0.7]})
+    p = PublishedValue("k", "s", "q", "P", "T", "D",
+                       OurValue("t", {"model": "a", ("features", "feature_set"): "flips"}, ("cv_accuracy", "accuracy")))
+    assert report.locate(p, {"t": frame}) == (0.5, "")
+    loose = PublishedValue("k", "s", "q", "P", "T", "D", OurValue("t", {"feature_set": "flips"}, ("accuracy",)))
+    value, why = report.locate(loose, {"t": frame})
+    assert value is None and "2 different rows" in why
+    nocol = PublishedValue("k", "s", "q", "P", "T", "D", OurValue("t", {"missing": 1}))
+    assert "no column missing" in report.locate(nocol, {"t": frame})[1]
+
+
+def test_overlay_of_a_left_half_map_is_hot_on_the_left(tmp_path):
+    image = np.full((32, 32, 3), 128, np.uint8)
+    heat = np.zeros((32, 32), np.float32)
+    heat[:, :16] = 1.0
+    row = {"question_id": 5, "image_id": 1, "question": "what is it", "tokens": ["what", "is", "it"],
+           "answer_type": "other", "predicted": "x", "probability": 0.5, "correct": True}
+    entry = render_entry_images(tmp_path, "g", "m", row, image,
+                                {"left": {"image_map": heat, "valid": True, "question_map": np.array([0.0, 1.0, -1.0, 0.0])}})
+    pixels = np.asarray(Image.open(tmp_path / "5_left.png")).astype(int)
+    left, right = pixels[:, :14], pixels[:, 18:]
+    # jet: 1 -> dark red (R high, B low), 0 -> dark blue (B high, R low); blended 50/50 with gray.
+    assert (left[..., 0] > left[..., 2] + 40).all() and (right[..., 2] > right[..., 0] + 40).all()
+    assert entry.methods[0].image_src == "g/5_left.png"
+    # The token coloured by the positive score is red-ish, the negative one blue-ish.
+    colours = re.findall(r"background:#([0-9a-f]{6})", entry.methods[0].tokens)
+    rgb = [tuple(int(c[i:i + 2], 16) for i in (0, 2, 4)) for c in colours]
+    assert len(rgb) == 3 and rgb[1][0] > rgb[1][2] and rgb[2][2] > rgb[2][0]
+
+
+def test_non_finite_map_gets_a_note_not_an_overlay(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    row = {"question_id": 7, "image_id": 1, "question": "q", "tokens": ["q"], "answer_type": "other",
+           "predicted": "x", "probability": 0.5, "correct": None}
+    entry = render_entry_images(tmp_path, "g", "m", row, image,
+                                {"bad": {"image_map": np.full((8, 8), np.nan), "valid": False}})
+    assert entry.methods[0].image_src is None and entry.methods[0].note == "map not finite"
+    assert not (tmp_path / "7_bad.png").exists()
+
+
+def test_sample_is_deterministic_and_spread_over_strata():
+    rows = []
+    qid = 0
+    for answer_type, n_right, n_wrong in (("yes/no", 30, 2), ("number", 10, 10), ("other", 5, 1)):
+        for correct, count in ((True, n_right), (False, n_wrong)):
+            for _ in range(count):
+                rows.append({"question_id": qid, "answer_type": answer_type, "correct": correct})
+                qid += 1
+    sample = sample_questions(rows, 12, seed=3, salt="mlb")
+    assert sample == sample_questions(list(reversed(rows)), 12, seed=3, salt="mlb")
+    assert len({r["question_id"] for r in sample}) == 12
+    strata = {(r["answer_type"], r["correct"]) for r in sample}
+    assert len(strata) == 6  # every (answer type, right/wrong) combination, rare ones included
+    picked = pd.Series([(r["answer_type"], r["correct"]) for r in sample]).value_counts()
+    sizes = pd.Series([(r["answer_type"], r["correct"]) for r in rows]).value_counts()
+    # Round robin: 12 over 6 strata gives each stratum 2 unless it has fewer (other/wrong: 1).
+    assert all(picked[s] >= min(2, sizes[s]) for s in sizes.index)
+    assert sample_questions(rows, 12, seed=4, salt="mlb") != sample
+    assert len(sample_questions(rows, 1000, seed=3)) == len(rows)
