@@ -27,6 +27,7 @@ met, the map agreement, threads, model, N) and prints a short table.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
@@ -68,11 +69,19 @@ class ImageOnly(nn.Module):
         return self.model(images, self.tokens)
 
 
+MIN_SECONDS = 2.0  # fast measurements repeat until they have taken at least this long
+
+
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """(median seconds of ``repeats`` runs after one warm-up run, the last run's result)."""
+    """(median seconds of ``repeats`` runs after one warm-up run, the last run's result). A
+    measurement whose warm-up took less than ``MIN_SECONDS / repeats`` runs more often, so that
+    the median of a few-millisecond computation is not one scheduler hiccup."""
+    start = time.perf_counter()
     result = fn()
+    first = time.perf_counter() - start
+    repeats = max(1, repeats, math.ceil(MIN_SECONDS / max(first, 1e-6)))
     times = []
-    for _ in range(max(1, repeats)):
+    for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
@@ -243,8 +252,9 @@ def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3,
             "gradient_family": gradient_agreement,
         },
         "notes": {
-            "timing": "median of `repeats` runs after one warm-up run, whole set of N questions in "
-                      "batches of `batch_size`, divided by N",
+            "timing": "median of `repeats` runs (more for fast measurements: at least 2 s of runs) "
+                      "after one warm-up run, whole set of N questions in batches of "
+                      "`batch_size`, divided by N",
             "targets": "Captum and our occlusion get the predicted answers as target (computed "
                        "once, untimed); the baseline and our gradient family find them in their "
                        "own forward pass",

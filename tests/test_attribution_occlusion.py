@@ -215,6 +215,20 @@ def test_backbone_runs_each_occluded_copy_once(backbone_batches):
     torch.testing.assert_close(both.image_map_raw[1], alone.image_map_raw[0], rtol=1e-4, atol=1e-6)
 
 
+def test_folded_backbone_is_cached_until_the_weights_change():
+    model, images, tokens = setup("mlb")
+    fold = lambda: ExplainContext(model, images, tokens, None).inference_backbone()  # noqa: E731
+    first = fold()
+    assert fold() is first  # not traced again for every explain call
+    with torch.no_grad():
+        conv = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+        conv.weight.mul_(-1)  # in place, as a randomisation or a state-dict load does
+    again = fold()
+    assert again is not first
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), model.backbone(images), rtol=1e-4, atol=1e-5)
+
+
 def test_one_modality_alone_skips_the_other(backbone_batches):
     model, images, tokens = setup("mlb")
     target = model(images, tokens).argmax(1)

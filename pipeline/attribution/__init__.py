@@ -45,7 +45,7 @@ def explain(model, images: torch.Tensor, question_tokens: torch.Tensor,
     if model.training:
         raise ValueError("explain a model in eval mode (model.eval()): dropout and batch "
                          "statistics would make the maps random")
-    ctx = ExplainContext(model, images, question_tokens, target, options)
+    ctx = ExplainContext(model, images, question_tokens, target, options, methods)
     results = {}
     # Gradient methods need autograd even when the caller runs under no_grad (as Lightning's
     # predict loop does); methods that need none use inference mode inside.

@@ -7,8 +7,9 @@ passes cached on it), so it never knows which model it explains.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as nnf
@@ -45,28 +46,72 @@ class NotApplicable(Exception):
 
 MethodFn = Callable[["ExplainContext"], Explanation]
 METHODS: dict[str, MethodFn] = {}
+# Methods that backpropagate again through the shared gradient pass's graph: when none of them
+# is requested, that pass frees its graph in its one backward (keeping it costs ~10% on CPU,
+# where freed buffers are reused by the next batch).
+REUSES_SHARED_GRAPH: set[str] = set()
 
 
-def register(name: str) -> Callable[[MethodFn], MethodFn]:
+def register(name: str, reuses_shared_graph: bool = False) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` as method ``name``. ``reuses_shared_graph``: the method differentiates
+    the shared gradient pass's probe again (``ctx.gradient_pass()[0].grad(...)``)."""
     def add(fn: MethodFn) -> MethodFn:
         if name in METHODS:
             raise ValueError(f"attribution method {name!r} registered twice")
         METHODS[name] = fn
+        if reuses_shared_graph:
+            REUSES_SHARED_GRAPH.add(name)
         return fn
     return add
+
+
+# backbone -> (fingerprint of its weights, folded copy). Folding traces the backbone (torch.fx),
+# which costs more than a small batch's passes: it is done once per set of weights, not per call.
+_FOLDED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _weights_fingerprint(module: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (``_version``
+    counts in-place writes: loading a state dict, re-initialising a layer)."""
+    return tuple((t.data_ptr(), t._version, t.is_contiguous(memory_format=torch.channels_last))
+                 for t in (*module.parameters(), *module.buffers()))
+
+
+def folded_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
+    """``backbone`` with BatchNorm folded into its convolutions (cached while its weights stay
+    the same); the backbone itself when torch.fx cannot trace it (logged)."""
+    fingerprint = _weights_fingerprint(backbone)
+    cached = _FOLDED.get(backbone)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(backbone, inplace=False)
+        weight = next((p for p in backbone.parameters() if p.dim() == 4), None)
+        if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
+            fused = fused.to(memory_format=torch.channels_last)  # keep the fast layout
+    except Exception as e:  # a backbone torch.fx cannot trace: run it as it is
+        log.info("BatchNorm folding unavailable for %s (%s); using it unfused", type(backbone).__name__, e)
+        fused = backbone
+    _FOLDED[backbone] = (fingerprint, fused)
+    return fused
 
 
 class ExplainContext:
     """The inputs of one ``explain`` call and the passes that methods share."""
 
     def __init__(self, model, images: torch.Tensor, tokens: torch.Tensor,
-                 target: torch.Tensor | None, options: dict | None = None):
+                 target: torch.Tensor | None, options: dict | None = None,
+                 methods: Sequence[str] | None = None):
         self.model = model
         self.images = images
         self.tokens = tokens
         self.options = options or {}
         self._target = target
         self._cache: dict = {}
+        # Unknown (None): keep the shared graph, any method may come back to it.
+        self.keep_shared_graph = methods is None or any(m in REUSES_SHARED_GRAPH for m in methods)
 
     def option(self, method: str, key: str, default):
         return self.options.get(method, {}).get(key, default)
@@ -108,7 +153,8 @@ class ExplainContext:
             if self._target is None:
                 self._target = probe.logits.argmax(1).detach()
             names = [n for n in ("image", "conv", "q_emb") if n in probe]
-            self._cache["gradient"] = (probe, dict(zip(names, probe.grad(self.score(probe.logits), names))))
+            grads = probe.grad(self.score(probe.logits), names, retain_graph=self.keep_shared_graph)
+            self._cache["gradient"] = (probe, dict(zip(names, grads)))
         return self._cache["gradient"]
 
     def plain_conv_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,27 +174,12 @@ class ExplainContext:
         """The backbone with every BatchNorm folded into the convolution before it, for passes
         that need no gradient (occlusion's copies). In eval mode BN is an affine map per channel,
         so conv-then-BN is one convolution with rescaled weights: the same function up to float
-        rounding, and a third less time on CPU, where BN and ReLU are memory-bound. Built per
-        ``explain`` call (cheap next to the passes it serves), so it always holds the model's
-        current weights. ``fold_batchnorm=False`` gives the backbone as it is (bit-for-bit the
-        model's own passes; folding changes features by float rounding, ~1e-6 relative)."""
+        rounding, and a fifth less time on CPU, where BN is memory-bound. ``fold_batchnorm=False``
+        gives the backbone as it is (bit-for-bit the model's own passes; folding changes features
+        by float rounding, ~1e-6 relative)."""
         if not fold_batchnorm:
             return self.model.backbone
-        if "inference_backbone" not in self._cache:
-            from torch.fx.experimental.optimization import fuse
-
-            backbone = self.model.backbone
-            try:
-                fused = fuse(backbone, inplace=False)
-                weight = next((p for p in backbone.parameters() if p.dim() == 4), None)
-                if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
-                    fused = fused.to(memory_format=torch.channels_last)  # keep the fast layout
-            except Exception as e:  # a backbone torch.fx cannot trace: run it as it is
-                log.info("BatchNorm folding unavailable for %s (%s); using it unfused",
-                         type(backbone).__name__, e)
-                fused = backbone
-            self._cache["inference_backbone"] = fused
-        return self._cache["inference_backbone"]
+        return folded_backbone(self.model.backbone)
 
     def upsample(self, maps: torch.Tensor) -> torch.Tensor:
         """B x h x w -> B x H x W at input resolution (``upsample`` option: bilinear, nearest)."""

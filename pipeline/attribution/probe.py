@@ -103,10 +103,11 @@ class Probe:
         return self.activations[name]
 
     def grad(self, outputs: torch.Tensor, names: Sequence[str],
-             grad_outputs: torch.Tensor | None = None) -> list[torch.Tensor]:
+             grad_outputs: torch.Tensor | None = None, retain_graph: bool = True) -> list[torch.Tensor]:
         """d outputs / d point for each point name (guided through ReLUs when the probe is).
-        A point that ``outputs`` does not depend on gets an exact zero gradient."""
+        A point that ``outputs`` does not depend on gets an exact zero gradient.
+        ``retain_graph=False`` frees the graph's buffers: the last backward through this probe."""
         inputs = [self[n] for n in names]
-        grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs,
+                                    retain_graph=retain_graph, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]

@@ -45,7 +45,7 @@ def neuron_scores(F: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.cat(scores, dim=1)
 
 
-@register("gated_gradcam")
+@register("gated_gradcam", reuses_shared_graph=True)
 def gated_gradcam(ctx) -> Explanation:
     probe, _ = ctx.gradient_pass()
     missing = [n for n in ("conv", "q", "F") if n not in probe]

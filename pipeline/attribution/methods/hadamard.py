@@ -51,7 +51,7 @@ def token_zscores(saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return centred / torch.where(std > 0, std, torch.ones_like(std))
 
 
-@register("hadamard")
+@register("hadamard", reuses_shared_graph=True)
 def hadamard(ctx) -> Explanation:
     probe, _ = ctx.gradient_pass()  # guided forward, shared with the gradient family
     missing = [n for n in NEEDED if n not in probe]

@@ -71,6 +71,25 @@ def _forward_hook(point, hook):
             handle.remove()
 
 
+def distinct_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct images in order of first appearance, the index of each row's image among
+    them). Exact comparison, row against the distinct images found so far: questions about one
+    image come together, so this is a few comparisons per row (and far cheaper than sorting
+    the rows, which ``torch.unique(dim=0)`` does)."""
+    flat = images.flatten(1)
+    first: list[int] = []
+    owner = torch.empty(len(images), dtype=torch.long)
+    for row in range(len(images)):
+        for u in range(len(first) - 1, -1, -1):  # the latest image is the likeliest match
+            if torch.equal(flat[row], flat[first[u]]):
+                owner[row] = u
+                break
+        else:
+            owner[row] = len(first)
+            first.append(row)
+    return images[first], owner
+
+
 @contextlib.contextmanager
 def _question_feature(head, q_point, q):
     """Within the block, ``head`` sees the question feature ``q`` (1 x D, broadcast over the
@@ -168,8 +187,7 @@ def occlusion(ctx) -> Explanation:
     with torch.inference_mode():
         # Rows are grouped by image content (a repeated image need not share storage, so data
         # pointers would miss it): the original grid is computed once per distinct image.
-        distinct, owner = torch.unique(ctx.images.flatten(1), dim=0, return_inverse=True)
-        distinct = distinct.view(-1, *ctx.images.shape[1:])
+        distinct, owner = distinct_images(ctx.images)
         captured = {}
         with _forward_hook(q_point, lambda module, inputs, out: captured.setdefault("q", out)):
             grid0 = ctx.inference_backbone(bool(ctx.option("occlusion", "fold_batchnorm", True)))(distinct)[owner]
