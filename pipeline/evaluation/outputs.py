@@ -84,7 +84,7 @@ def log_to_wandb(cfg, stage: str, tables: dict[str, pd.DataFrame] | None = None,
     import wandb
 
     run = wandb.init(project=str(cfg.logger.project), mode=str(cfg.logger.mode), job_type=stage,
-                     name=stage, dir=str(abspath(cfg.logger.dir)), reinit=True,
+                     name=stage, dir=str(abspath(cfg.logger.dir)), reinit="finish_previous",
                      settings=wandb.Settings(silent=True))
     try:
         payload = {f"{stage}/{name}": wandb.Table(dataframe=_typed_for_wandb(df))
