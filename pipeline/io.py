@@ -20,6 +20,7 @@ __all__ = [
     "replace_directory",
     "write_json",
     "write_text",
+    "save_torch",
     "read_json",
 ]
 
@@ -44,6 +45,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically and byte-reproducibly. torch names the zip
+    archive's root folder after the file it writes to, which here would be the random temporary
+    name: identical weights would give different bytes (and DVC hashes) run to run. Writing
+    through a file object makes the root folder the fixed name ``archive``."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 @contextlib.contextmanager

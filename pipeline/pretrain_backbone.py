@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from omegaconf import DictConfig
 
 from pipeline.config import abspath, stage_main
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.synthetic import load_ground_truth
-from pipeline.io import atomic_path, write_json
+from pipeline.io import save_torch, write_json
 from pipeline.models.backbones import SceneResNet, find_resnet152_weights
 from pipeline.models.pretraining import (CELL_LABELS, COUNT_LABELS, NUM_CELL_LABELS,
                                          NUM_LABELS, PRESENCE_LABELS, load_split_tensors,
@@ -56,11 +55,11 @@ def run(cfg: DictConfig) -> dict:
                        float(p.lr), float(p.weight_decay), int(cfg.seed), str(p.get("device", "cpu")),
                        channels_last=bool(cfg.backbone.get("channels_last")))
     net.cpu()
-    with atomic_path(abspath(cfg.backbone.weights)) as tmp:
-        torch.save({"state_dict": net.state_dict(), "channels": list(cfg.backbone.channels),
-                    "input_size": net.input_size, "num_labels": NUM_LABELS,
-                    "num_cell_labels": NUM_CELL_LABELS, "cell_labels": CELL_LABELS,
-                    "presence_labels": PRESENCE_LABELS, "count_labels": COUNT_LABELS}, tmp)
+    save_torch({"state_dict": net.state_dict(), "channels": list(cfg.backbone.channels),
+                "input_size": net.input_size, "num_labels": NUM_LABELS,
+                "num_cell_labels": NUM_CELL_LABELS, "cell_labels": CELL_LABELS,
+                "presence_labels": PRESENCE_LABELS, "count_labels": COUNT_LABELS},
+               abspath(cfg.backbone.weights))
     metrics = {"backbone": "scene_resnet", "val": history[-1] if history else {}, "history": history}
     write_json(metrics_path, metrics)
     return metrics

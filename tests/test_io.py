@@ -42,3 +42,17 @@ def test_atomic_directory(tmp_path):
         (tmp / "b.txt").write_text("replaced")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["world"]
+
+
+def test_saved_weights_are_byte_identical_run_to_run(tmp_path):
+    """The same tensors saved twice (through different temporary files) give the same bytes,
+    so DVC sees an unchanged output when a stage reproduces its weights exactly."""
+    import torch
+
+    from pipeline.io import save_torch
+
+    state = {"w": torch.arange(6.0).view(2, 3), "meta": [1, 2]}
+    first = save_torch(state, tmp_path / "a" / "weights.pt").read_bytes()
+    second = save_torch(state, tmp_path / "b" / "weights.pt").read_bytes()
+    assert first == second
+    assert torch.equal(torch.load(tmp_path / "a" / "weights.pt", weights_only=True)["w"], state["w"])

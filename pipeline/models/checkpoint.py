@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pipeline.data.errors import DataError
 from pipeline.data.vocab import AnswerVocab, QuestionVocab
-from pipeline.io import atomic_path
+from pipeline.io import save_torch
 from pipeline.models.backbones import ResNet152, SceneResNet, build_backbone
 from pipeline.models.vqa_model import VQAModel, build_head
 
@@ -65,9 +65,7 @@ def save_model(path: str | Path, model: VQAModel, metadata: dict) -> Path:
     payload = dict(metadata)
     payload["backbone_state"] = model.backbone.state_dict()
     payload["head_state"] = model.head.state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_torch(payload, path)
 
 
 def _build(meta: dict, head_state: dict, backbone=None) -> VQAModel:
