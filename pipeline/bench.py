@@ -72,6 +72,25 @@ class ImageOnly(nn.Module):
 MIN_SECONDS = 2.0  # fast measurements repeat until they have taken at least this long
 
 
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:
+    """:func:`timed` for several computations at once, run in rounds (each once per round,
+    in the given order) after one warm-up round: name -> (median seconds, last result). The
+    number of rounds follows the slowest, as in :func:`timed`."""
+    results, first = {}, 0.0
+    for name, fn in fns.items():  # warm-up round
+        start = time.perf_counter()
+        results[name] = fn()
+        first = max(first, time.perf_counter() - start)
+    rounds = max(1, repeats, math.ceil(MIN_SECONDS / max(first, 1e-6)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in fns}
+
+
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """(median seconds of ``repeats`` runs after one warm-up run, the last run's result). A
     measurement whose warm-up took less than ``MIN_SECONDS / repeats`` runs more often, so that
@@ -191,17 +210,19 @@ def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3,
         return 1000.0 * seconds / n
 
     times, results = {}, {}
-    for name, fn in [
-        ("baseline", lambda: baseline(model, batches)),
-        ("ours_gradient_family", lambda: ours_gradient_family(model, batches)),
-        ("captum_gradient_family", lambda: captum_gradient_family(model, batches)),
-        ("ours_word_dropping", lambda: ours_occlusion(model, batches, grid, "question")),
-        ("captum_word_occlusion", lambda: captum_word_occlusion(model, batches)),
-        ("ours_image_occlusion", lambda: ours_occlusion(model, batches, grid, "image")),
-    ]:
-        seconds, results[name] = timed(fn, repeats)
-        times[name] = ms(seconds)
-        log.info("%s: %.1f ms per question", name, times[name])
+    # Computations that are compared with each other and take milliseconds run interleaved
+    # (one round = one run of each), so that a drift in the machine's speed hits all alike.
+    for group in (
+        {"baseline": lambda: baseline(model, batches),
+         "ours_gradient_family": lambda: ours_gradient_family(model, batches),
+         "captum_gradient_family": lambda: captum_gradient_family(model, batches)},
+        {"ours_word_dropping": lambda: ours_occlusion(model, batches, grid, "question"),
+         "captum_word_occlusion": lambda: captum_word_occlusion(model, batches)},
+        {"ours_image_occlusion": lambda: ours_occlusion(model, batches, grid, "image")},
+    ):
+        for name, (seconds, results[name]) in timed_interleaved(group, repeats).items():
+            times[name] = ms(seconds)
+            log.info("%s: %.1f ms per question", name, times[name])
     captum_image = {}
     for ppe in perturbations_per_eval:
         seconds, results[f"captum_image_occlusion_{ppe}"] = timed(
@@ -252,9 +273,10 @@ def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3,
             "gradient_family": gradient_agreement,
         },
         "notes": {
-            "timing": "median of `repeats` runs (more for fast measurements: at least 2 s of runs) "
-                      "after one warm-up run, whole set of N questions in batches of "
-                      "`batch_size`, divided by N",
+            "timing": "median of `repeats` runs (more for fast measurements: at least 2 s of runs "
+                      "of the slowest) after one warm-up run, whole set of N questions in batches "
+                      "of `batch_size`, divided by N; the gradient family with its baseline and "
+                      "Captum, and the two word occlusions, run interleaved (round robin)",
             "targets": "Captum and our occlusion get the predicted answers as target (computed "
                        "once, untimed); the baseline and our gradient family find them in their "
                        "own forward pass",

@@ -57,3 +57,15 @@ def test_measure_reports_every_key_and_agrees_with_captum(tmp_path):
     assert all(a["agrees"] for a in image["by_perturbations_per_eval"].values())
     assert all(a["agrees"] for a in saved["agreement"]["gradient_family"].values())
     assert "tiny_mlb" in format_table(saved)
+
+
+def test_interleaved_timing_runs_every_computation_in_each_round():
+    from pipeline.bench import timed_interleaved
+
+    calls = []
+    out = timed_interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2},
+                            repeats=3)
+    assert {k: v[1] for k, v in out.items()} == {"a": 1, "b": 2}
+    rounds = len(calls) // 2
+    assert rounds >= 4 and calls == ["a", "b"] * rounds  # warm-up round + at least 3 timed
+    assert all(v[0] >= 0 for v in out.values())
