@@ -37,7 +37,7 @@ from pipeline.data.answers import vqa_accuracy
 from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.io import write_json
-from pipeline.models import load_model
+from pipeline.models import load_trained_model
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,7 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(int(cfg.seed))
     a = cfg.attribution
     processed_dir = abspath(cfg.paths.processed_dir)
-    question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
-    model = load_model(abspath(cfg.paths.models_dir) / str(cfg.model.name) / "model.pt",
-                       question_vocab=question_vocab, answer_vocab=answer_vocab)
-    if cfg.backbone.get("channels_last"):
-        model.backbone.to(memory_format=torch.channels_last)
+    model = load_trained_model(cfg, str(cfg.model.name))
     records = processed.load_question_table(processed_dir, str(a.split))
     records.sort(key=lambda r: (r["image_id"], r["question_id"]))
     if a.limit:

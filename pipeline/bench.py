@@ -95,16 +95,7 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """(median seconds of ``repeats`` runs after one warm-up run, the last run's result). A
     measurement whose warm-up took less than ``MIN_SECONDS / repeats`` runs more often, so that
     the median of a few-millisecond computation is not one scheduler hiccup."""
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    repeats = max(1, repeats, math.ceil(MIN_SECONDS / max(first, 1e-6)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    return timed_interleaved({"fn": fn}, repeats)["fn"]
 
 
 # --- the measured computations, each over a list of (images, tokens, target) batches ---

@@ -58,7 +58,7 @@ from pipeline.evaluation import gating, inputs
 from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
 from pipeline.evaluation.stats import summarise
 from pipeline.io import write_json
-from pipeline.models import load_model
+from pipeline.models import load_trained_model
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +202,8 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
                         f"attribution store of {model_name}: {_attribute_hint(model_name)} without "
                         "attribution.limit", inputs.attribution_dir(cfg, model_name))
     processed_dir = abspath(cfg.paths.processed_dir)
-    question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
-    model_path = abspath(cfg.paths.models_dir) / model_name / "model.pt"
-    model = load_model(model_path, question_vocab=question_vocab, answer_vocab=answer_vocab).eval()
-    if cfg.backbone.get("channels_last"):
-        model.backbone.to(memory_format=torch.channels_last)
+    model = load_trained_model(cfg, model_name)
+    model_path = abspath(cfg.paths.models_dir) / model_name / "model.pt"  # named in the errors below
     records = {r["question_id"]: r for r in processed.load_question_table(processed_dir, str(cfg.evaluation.split))}
     transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
     data_root = abspath(cfg.data.root)

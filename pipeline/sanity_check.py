@@ -53,7 +53,7 @@ from pipeline.evaluation import inputs, randomisation
 from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
 from pipeline.evaluation.stats import summarise
 from pipeline.io import write_json
-from pipeline.models import load_model
+from pipeline.models import load_trained_model
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,7 @@ def step_options(options: dict, seed: int, step: int) -> dict:
 
 def cascade(cfg, model_name: str, s, boot, seed: int) -> tuple[list[dict], dict]:
     """The rows of the sanity table for one model and its metrics."""
-    processed_dir = abspath(cfg.paths.processed_dir)
-    question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
-    model = load_model(abspath(cfg.paths.models_dir) / model_name / "model.pt",
-                       question_vocab=question_vocab, answer_vocab=answer_vocab).eval()
-    if cfg.backbone.get("channels_last"):
-        model.backbone.to(memory_format=torch.channels_last)
+    model = load_trained_model(cfg, model_name)
     records, images, tokens = load_questions(cfg, model, int(s.questions))
     resolution = int(cfg.evaluation.resolution)
     options = OmegaConf.to_container(cfg.attribution.options, resolve=True)

@@ -126,6 +126,21 @@ def load_model(checkpoint_path: str | Path, question_vocab: QuestionVocab | None
     return model
 
 
+def load_trained_model(cfg, name: str) -> VQAModel:
+    """What every stage that explains a trained model starts from: ``models/<name>/model.pt``
+    checked against the processed data's vocabularies, in eval mode, its backbone in
+    channels-last format when ``backbone.channels_last`` is set."""
+    from pipeline.config import abspath
+    from pipeline.data import processed
+
+    question_vocab, answer_vocab = processed.load_vocabs(abspath(cfg.paths.processed_dir))
+    model = load_model(abspath(cfg.paths.models_dir) / name / "model.pt",
+                       question_vocab=question_vocab, answer_vocab=answer_vocab).eval()
+    if cfg.backbone.get("channels_last"):
+        model.backbone.to(memory_format=torch.channels_last)
+    return model
+
+
 def check_vocabularies(model: VQAModel, question_vocab: QuestionVocab | None,
                        answer_vocab: AnswerVocab | None, path: Path | str = "model") -> None:
     """Raise :class:`CheckpointError` if the model was trained with other vocabularies."""

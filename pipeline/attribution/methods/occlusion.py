@@ -111,11 +111,10 @@ def _chunks(n: int, size: int):
     return (slice(start, min(start + size, n)) for start in range(0, n, size))
 
 
-def _occlude_patches(ctx, distinct, owner, q_point, q0, probability0, prediction, target, grid,
-                     colour, batch_size):
+def _occlude_patches(ctx, backbone, distinct, owner, q_point, q0, probability0, prediction, target,
+                     grid, colour, batch_size):
     """p(a_hat | occluded) and the answers, each B x G*G (patch index = row * G + column)."""
     model, tokens = ctx.model, ctx.tokens
-    backbone = ctx.inference_backbone(bool(ctx.option("occlusion", "fold_batchnorm", True)))
     ph, pw = patch_size(ctx.input_size, grid)
     # An occlusion that leaves the input unchanged (the patch already has the patch colour) has
     # importance exactly 0 by definition: keep p(original) and the prediction, and do not run it,
@@ -184,20 +183,21 @@ def occlusion(ctx) -> Explanation:
     if not modalities or set(modalities) - set(MODALITIES):
         raise ValueError(f"occlusion.modalities must be a non-empty subset of {list(MODALITIES)}, "
                          f"got {modalities}")
+    backbone = ctx.inference_backbone(bool(ctx.option("occlusion", "fold_batchnorm", True)))
     with torch.inference_mode():
         # Rows are grouped by image content (a repeated image need not share storage, so data
         # pointers would miss it): the original grid is computed once per distinct image.
         distinct, owner = distinct_images(ctx.images)
         captured = {}
         with _forward_hook(q_point, lambda module, inputs, out: captured.setdefault("q", out)):
-            grid0 = ctx.inference_backbone(bool(ctx.option("occlusion", "fold_batchnorm", True)))(distinct)[owner]
+            grid0 = backbone(distinct)[owner]
             logits0 = model.head(grid0, tokens)
         probability0 = torch.softmax(logits0, 1).gather(1, target[:, None])[:, 0]
         prediction = logits0.argmax(1)
 
         image_raw = answers_image = question_map = answers_question = None
         if "image" in modalities:
-            p_image, answers_image = _occlude_patches(ctx, distinct, owner, q_point, captured.get("q"),
+            p_image, answers_image = _occlude_patches(ctx, backbone, distinct, owner, q_point, captured.get("q"),
                                                       probability0, prediction, target, grid,
                                                       colour, batch_size)
             image_raw = (probability0[:, None] - p_image).view(-1, grid, grid)
