@@ -23,8 +23,16 @@ reference maps (e.g. "how many" with answer 0: nothing to look at; excluded) are
 own columns. ``beats_random``: the method's interval lies entirely above the random map's
 interval of the same model and reference.
 
-Writes ``reports/tables/rank_correlation.{csv,md}``, ``reports/figures/rank_correlation.png``
-and ``reports/metrics/rank_correlation.json``.
+The same scores are also summarised per answer type (VQA's yes/no, number, other), because a
+method can localise for one kind of question and not another: a gradient-weighted map such as
+Grad-CAM explains *the local slope* of the answer's score, and for a count the slope with
+respect to more of the counted objects is not positive (more circles would make "2" less likely,
+not more). ``rank_correlation_by_answer_type`` makes that visible instead of averaging it away.
+
+Writes ``reports/tables/rank_correlation.{csv,md}``,
+``reports/tables/rank_correlation_by_answer_type.{csv,md}``,
+``reports/figures/rank_correlation{,_by_answer_type}.png`` and
+``reports/metrics/rank_correlation.json``.
 """
 from __future__ import annotations
 
@@ -54,6 +62,9 @@ HUMAN = "human"
 GROUND_TRUTH = "ground_truth"
 COLUMNS = ["model", "method", "reference", "n", "mean", "ci_low", "ci_high", "constant", "ties",
            "no_reference_map", "invalid", "constant_reference", "beats_random"]
+BY_TYPE = f"{STAGE}_by_answer_type"
+BY_TYPE_COLUMNS = ["model", "method", "reference", "answer_type", "n", "mean", "ci_low", "ci_high",
+                   "beats_random"]
 
 
 def load_image_maps(cfg, model: str, method: str, question_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,17 +177,19 @@ def score_humans(humans: dict[int, np.ndarray], question_ids: list[int],
     return rho, counts
 
 
-def beats_random_flags(table: pd.DataFrame) -> list:
-    """Per row: does its interval lie entirely above the random row's of the same model and
-    reference? Empty for random itself. The human row is compared with the random rows of every
-    model (it must lie above all of them)."""
+def beats_random_flags(table: pd.DataFrame, within: tuple[str, ...] = ("reference",)) -> list:
+    """Per row: does its interval lie entirely above the random row's of the same model and the
+    same ``within`` columns (the reference; and the answer type in the breakdown)? Empty for
+    random itself. The human row is compared with the random rows of every model (it must lie
+    above all of them)."""
     flags = []
     for row in table.itertuples(index=False):
         if row.method == RANDOM:
             flags.append("")
             continue
         models = table["model"] != HUMAN if row.model == HUMAN else table["model"] == row.model
-        random_rows = table[models & (table["method"] == RANDOM) & (table["reference"] == row.reference)]
+        same = np.logical_and.reduce([table[c] == getattr(row, c) for c in within])
+        random_rows = table[models & (table["method"] == RANDOM) & same]
         if random_rows.empty or math.isnan(row.ci_low) or random_rows["ci_high"].isna().any():
             flags.append("")
             continue
@@ -244,6 +257,91 @@ def plot(table: pd.DataFrame, references: list[str], resolution: int):
     return fig
 
 
+def in_table_order(table: pd.DataFrame, references: list[str], models: list[str]) -> pd.DataFrame:
+    """Rows per reference, per model, random first then the methods in the model's store order
+    (the order they were appended in: the sort is stable); the human row last."""
+    model_order = {m: k for k, m in enumerate([*models, HUMAN])}
+    reference_order = {r: k for k, r in enumerate(references)}
+    keyed = table.assign(_reference=table["reference"].map(reference_order),
+                         _model=table["model"].map(model_order),
+                         _not_random=table["method"] != RANDOM)
+    return (keyed.sort_values(["_reference", "_model", "_not_random"], kind="stable")
+            .drop(columns=["_reference", "_model", "_not_random"]).reset_index(drop=True))
+
+
+def by_answer_type(scores: list[tuple[str, str, str, np.ndarray, list[str]]], boot: dict) -> pd.DataFrame:
+    """The per-question scores of every (model, method, reference), summarised per answer type:
+    ``scores`` holds (model, method, reference, per-question rho with NaN for excluded questions,
+    each question's answer type). Same bootstrap as the main table, so a type's row is the main
+    row restricted to that type's questions."""
+    rows = []
+    for model, method, reference, rho, answer_types in scores:
+        types = np.asarray(answer_types, dtype=object)
+        for answer_type in sorted(set(answer_types)):
+            rows.append({"model": model, "method": method, "reference": reference,
+                         "answer_type": answer_type, **summarise(rho[types == answer_type], **boot)})
+    table = pd.DataFrame(rows, columns=BY_TYPE_COLUMNS[:-1])
+    table["beats_random"] = beats_random_flags(table, within=("reference", "answer_type"))
+    return table[BY_TYPE_COLUMNS]
+
+
+def readable_by_type(table: pd.DataFrame) -> pd.DataFrame:
+    """Methods down, answer types across: "mean [low, high]" per cell, a star where the interval
+    lies above random's, each type's question count next to it."""
+    out = []
+    for (reference, model, method), group in table.groupby(["reference", "model", "method"], sort=False):
+        row = {"reference": reference, "model": model, "method": method}
+        for r in group.itertuples(index=False):
+            cell = "–" if math.isnan(r.mean) else f"{r.mean:.3f}"
+            if not math.isnan(r.ci_low):
+                cell += f" [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+            cell += {True: " *", False: ""}.get(r.beats_random, "")
+            row[r.answer_type] = cell
+            row[f"n {r.answer_type}"] = r.n
+        out.append(row)
+    return pd.DataFrame(out).fillna("")
+
+
+def plot_by_type(table: pd.DataFrame, reference: str):
+    """One heat map per model: methods x answer types, mean rho against ``reference``, the
+    cells whose interval does not lie above random's hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part = table[(table["reference"] == reference) & (table["model"] != HUMAN)]
+    models = list(dict.fromkeys(part["model"]))
+    types = sorted(set(part["answer_type"]))
+    fig, axes = plt.subplots(1, max(1, len(models)), squeeze=False, layout="constrained",
+                             figsize=(1.5 + 3.2 * max(1, len(models)) + 0.9 * len(types) * max(1, len(models)),
+                                      0.45 * part["method"].nunique() + 1.8))
+    image = None
+    for ax, model in zip(axes[0], models):
+        rows = part[part["model"] == model]
+        methods = list(dict.fromkeys(rows["method"]))
+        grid = np.full((len(methods), len(types)), np.nan)
+        below = np.zeros_like(grid, dtype=bool)
+        for r in rows.itertuples(index=False):
+            i, j = methods.index(r.method), types.index(r.answer_type)
+            grid[i, j] = r.mean
+            below[i, j] = r.beats_random is False
+        image = ax.imshow(grid, cmap="RdBu_r", vmin=-0.6, vmax=0.6, aspect="auto")
+        for i in range(len(methods)):
+            for j in range(len(types)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}" + (" ×" if below[i, j] else ""),
+                            ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(types)), types)
+        ax.set_yticks(range(len(methods)), methods)
+        ax.set_title(model)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean Spearman rho")
+    fig.suptitle(f"Rank correlation with {reference.replace('_', ' ')} by answer type "
+                 "(× : interval not above random's)")
+    return fig
+
+
 def _finite_or_none(value: float):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
@@ -269,7 +367,10 @@ def run(cfg: DictConfig) -> dict:
         log.warning("no human attention map for any of the %d questions: every human-reference "
                     "row is empty (does %s have HAT maps?)", len(every_question), cfg.data.name)
 
-    rows = []
+    answer_types = {m: [str(q.get("answer_type", "unknown")) for q in indexes[m]["questions"]]
+                    for m in models}
+    type_of = {q: t for m in models for q, t in zip(question_ids[m], answer_types[m])}
+    rows, scores = [], []
     jobs = [(m, method) for m in models for method in inputs.available_methods(indexes[m])
             if "image_map" in indexes[m]["methods"][method].get("arrays", [])]
     for model, method in tqdm(jobs, desc="rank correlation", unit="method"):
@@ -282,21 +383,15 @@ def run(cfg: DictConfig) -> dict:
             rho, counts = score_maps(small, valid, question_ids[model], reference_maps)
             rows.append({"model": model, "method": method, "reference": reference,
                          **summarise(rho, **boot), **counts})
+            scores.append((model, method, reference, rho, answer_types[model]))
     for reference in references:
         rho, counts = score_humans(references[HUMAN], every_question,
                                    None if reference == HUMAN else references[reference])
         rows.append({"model": HUMAN, "method": HUMAN, "reference": reference,
                      **summarise(rho, **boot), **counts})
+        scores.append((HUMAN, HUMAN, reference, rho, [type_of[q] for q in every_question]))
 
-    table = pd.DataFrame(rows)
-    # Rows: per reference, per model, random first then the methods in the model's store order
-    # (the order they were appended in: the stable sort keeps it); the human row last.
-    model_order = {m: k for k, m in enumerate([*models, HUMAN])}
-    reference_order = {r: k for k, r in enumerate(references)}
-    table = table.assign(_reference=table["reference"].map(reference_order),
-                         _model=table["model"].map(model_order),
-                         _not_random=table["method"] != RANDOM)
-    table = table.sort_values(["_reference", "_model", "_not_random"], kind="stable").reset_index(drop=True)
+    table = in_table_order(pd.DataFrame(rows), list(references), models)
     table["beats_random"] = beats_random_flags(table)
     table = table[COLUMNS]
 
@@ -308,20 +403,34 @@ def run(cfg: DictConfig) -> dict:
                f"interval ({boot['samples']} resamples).\n\n" + markdown_table(readable_table(table)))
     figure = save_figure(plot(table, list(references), resolution), figures_dir(cfg) / f"{STAGE}.png")
 
+    by_type = in_table_order(by_answer_type(scores, boot), list(references), models)
+    write_table(by_type, out_tables / f"{BY_TYPE}.csv", markdown=False)
+    type_reference = GROUND_TRUTH if GROUND_TRUTH in references else HUMAN
+    write_text(out_tables / f"{BY_TYPE}.md",
+               f"The table above per answer type: mean Spearman rho over {resolution}x{resolution} "
+               f"cells [95% bootstrap interval]; * where the interval lies entirely above the random "
+               f"map's for the same model, reference and answer type.\n\n"
+               + markdown_table(readable_by_type(by_type)))
+    type_figure = save_figure(plot_by_type(by_type, type_reference), figures_dir(cfg) / f"{BY_TYPE}.png")
+
     metrics: dict = {}
     for row in table.itertuples(index=False):
         metrics.setdefault(row.model, {}).setdefault(row.method, {})[row.reference] = _finite_or_none(row.mean)
     metrics["not_beating_random"] = [f"{r.model}/{r.method}/{r.reference}"
                                      for r in table.itertuples(index=False) if r.beats_random is False]
+    metrics["not_beating_random_by_answer_type"] = [
+        f"{r.model}/{r.method}/{r.reference}/{r.answer_type}"
+        for r in by_type.itertuples(index=False) if r.beats_random is False]
     write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
 
     summary = {f"{r.model}/{r.method}/{r.reference}": _finite_or_none(r.mean)
                for r in table.itertuples(index=False)}
-    log_to_wandb(cfg, STAGE, tables={STAGE: table}, figures={STAGE: figure}, summary=summary)
+    log_to_wandb(cfg, STAGE, tables={STAGE: table, BY_TYPE: by_type},
+                 figures={STAGE: figure, BY_TYPE: type_figure}, summary=summary)
     seconds = time.perf_counter() - start
     log.info("rank correlation of %d rows over %d questions in %.1f s -> %s", len(table),
              len(every_question), seconds, csv_path)
-    return {"table": table, "metrics": metrics, "seconds": seconds}
+    return {"table": table, "by_answer_type": by_type, "metrics": metrics, "seconds": seconds}
 
 
 main = stage_main(run)

@@ -9,8 +9,9 @@ Goyal et al. (Table 1 rank correlation, section 4.1; Fig. 3 POS histogram and fa
 prediction, section 4.2), Grad-CAM (its rows of the rank-correlation table), Kim et al. (Fig.
 2-5, Eq. 9-11), Ummettuguli (Tables 1-6 and the top-n sweep) -- each with its table (the
 stage's .md), figure(s) and, where the paper published one, the paper's number next to ours,
-each labelled with the data it was computed on (:mod:`pipeline.evaluation.published`; only
-numbers checked against the paper, otherwise "published value not verified"). Then which
+each labelled with the data it was computed on (:mod:`pipeline.evaluation.published`: numbers
+checked against the paper; a number the design quotes, labelled "not checked against the
+paper"; otherwise "published value not verified"). Then which
 methods do not beat the random baseline, and the sanity checks (Adebayo et al. 2018).
 
 index.html: per model a deterministic sample of ``gallery.questions`` validation questions
@@ -48,6 +49,7 @@ from pipeline.viz.overlay import display_image
 log = logging.getLogger(__name__)
 
 NOT_VERIFIED = "published value not verified"
+QUOTED = "not checked against the paper; as quoted in"
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,11 @@ SECTIONS: tuple[Section, ...] = (
             "synthetic world a second reference, `ground_truth`, is the exact mask of the objects "
             "the question is about. Constant maps (rank correlation undefined) and ties are counted, "
             "not hidden.",
-            (TableSpec("rank_correlation", "rank_correlation"),),
-            (FigureSpec("rank_correlation.png", "rank_correlation"),), "rank_correlation"),
+            (TableSpec("rank_correlation", "rank_correlation"),
+             TableSpec("rank_correlation_by_answer_type", "rank_correlation",
+                       caption="The same, per answer type")),
+            (FigureSpec("rank_correlation.png", "rank_correlation"),
+             FigureSpec("rank_correlation_by_answer_type.png", "rank_correlation")), "rank_correlation"),
     Section("pos_histogram", "Goyal et al., Fig. 3: which words matter, by part of speech",
             "P(the most important word of a question has tag t), for the 15 most frequent Penn "
             "Treebank tags, sorted by tag frequency (section 4.2). On the synthetic world, also how "
@@ -221,14 +226,20 @@ def published_table(cfg, entries: list[PublishedValue], frames: dict[str, pd.Dat
     for p in entries:
         value, why = locate(p, frames)
         ours = f"{value:.3f} ({p.ours.label})" if value is not None else f"not located: {why}"
-        paper = (f"{p.value:.3f} ({p.data}; checked at {p.source})" if p.verified
-                 else f"{NOT_VERIFIED} ({p.data})")
+        if p.verified:
+            paper = f"{p.value:.3f} ({p.data}; checked at {p.source})"
+        elif p.quoted:
+            paper = f"{p.value:.3f} ({p.data}; {QUOTED} {p.quoted_in})"
+        else:
+            paper = f"{NOT_VERIFIED} ({p.data})"
         lines.append(f"| {p.quantity} | {ours} | {paper} | {p.paper}; {p.where} |")
     note = ("Ours and the paper's numbers come from different data and models: the comparison "
             "says whether the pattern holds, not whether the values match.")
     if not any(p.verified for p in entries):
         note += (" No published number of this section could be checked against a copy of the "
-                 "paper, so none is shown (see `pipeline/evaluation/published.py`).")
+                 "paper" + (", so none is shown" if not any(p.quoted for p in entries) else
+                            "; the one shown is as this project's design quotes it") +
+                 " (see `pipeline/evaluation/published.py`).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -342,7 +353,47 @@ def not_beating_random(frames: dict[str, pd.DataFrame], synthetic: bool, assembl
     lines.append("A method beats random when its 95% interval lies entirely above the random "
                  "map's interval (column `beats_random` of the rank-correlation table); "
                  "\"undetermined\" means an interval could not be computed (too few questions).\n")
+    lines.append(failures_by_answer_type(frames.get("rank_correlation_by_answer_type"), reference,
+                                         assembled.not_beating_random))
     return "\n".join(lines)
+
+
+def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
+                            failing: dict[str, list[str]]) -> str:
+    """Where the methods that do not beat random fail: their mean rho per answer type, next to
+    random's, read from ``rank_correlation_by_answer_type``. A negative mean on one type is a
+    map that points *away* from where to look on those questions, not noise."""
+    if by_type is None or not any(failing.values()):
+        return ""
+    needed = {"model", "method", "reference", "answer_type", "mean", "ci_low", "ci_high", "beats_random"}
+    if not needed <= set(by_type.columns):
+        raise DataError("the per-answer-type table lacks columns "
+                        f"{sorted(needed - set(by_type.columns))}: rerun `python -m pipeline.rank_correlation`",
+                        "reports/tables/rank_correlation_by_answer_type.csv")
+    part = by_type[by_type["reference"].astype(str) == reference]
+    rows = []
+    for model, methods in failing.items():
+        for method in ["random", *methods]:
+            cells = part[(part["model"].astype(str) == model) & (part["method"].astype(str) == method)]
+            if cells.empty:
+                continue
+            row = {"model": model, "method": method}
+            for r in cells.itertuples(index=False):
+                verdict = {True: " (beats random)", False: " (does not)"}.get(as_bool(r.beats_random), "")
+                row[str(r.answer_type)] = (f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]{verdict}"
+                                           if pd.notna(r.ci_low) else f"{r.mean:.3f}")
+            rows.append(row)
+    if not rows:
+        return ""
+    return ("Where they fail, per answer type (mean rho [95% CI] against the same reference; from "
+            "`tables/rank_correlation_by_answer_type.csv`). A mean below zero is a map that ranks "
+            "the cells to look at *lowest* on those questions. Grad-CAM's map is the first-order "
+            "(signed) contribution of each cell's features to the answer's score; our reading, "
+            "not a measurement, is that a count answer sits at a peak, not on a slope (more of the "
+            "counted objects would make \"2\" less likely, not more), so the signed contribution "
+            "of the counted objects is negative, whereas maps of gradient magnitude (guided "
+            "backprop) or of perturbation effects (occlusion) are not affected by the sign.\n\n"
+            + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
 
 
 def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markdowns: dict[str, str],
@@ -495,7 +546,8 @@ def run(cfg: DictConfig) -> dict:
         "figures_included": len(assembled.figures),
         "absent_sections": assembled.absent,
         "published_values": {"verified": sum(p.verified for p in PUBLISHED),
-                             "not_verified": sum(not p.verified for p in PUBLISHED)},
+                             "quoted_not_checked": sum(p.quoted for p in PUBLISHED),
+                             "not_verified": sum(not p.verified and not p.quoted for p in PUBLISHED)},
         "not_beating_random": assembled.not_beating_random,
     }
     write_json(abspath(cfg.paths.metrics_dir) / "report.json", metrics)

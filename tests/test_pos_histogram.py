@@ -1,5 +1,6 @@
 """POS tagging, the most-important-word rules and the pos_histogram stage (Goyal et al. Fig. 3)."""
 import json
+import random
 import shutil
 from collections import Counter
 
@@ -8,7 +9,9 @@ import pandas as pd
 import pytest
 
 from pipeline import pos_histogram
+from pipeline.data import synthetic
 from pipeline.data.errors import DataError
+from pipeline.data.vocab import tokenize
 from pipeline.evaluation import inputs, pos
 from tests.conftest import evaluation_config
 
@@ -69,6 +72,95 @@ def test_nltk_without_its_data_says_how_to_install(monkeypatch, caplog):
     assert "textblob" in caplog.text and "nltk.downloader" in caplog.text
     with pytest.raises(ValueError, match="unknown tagger"):
         pos.make_tagger("spacy")
+
+
+# ---------------------------------------------------------------------------------------------
+# The NLTK path, on a tiny averaged perceptron model trained here (NLTK's real data is not
+# installed on the test machines and is never downloaded).
+
+# Questions in the synthetic world's vocabulary (pipeline.data.synthetic templates), with their
+# Penn Treebank tags. "left"/"right" in "the object left of the cross" are tagged RB (adverbial
+# use, "left of" ~ "to the left of"); "many" in "how many" is JJ, as in the Penn Treebank.
+NLTK_TRAINING = [
+    ("What color is the circle?", "WP NN VBZ DT NN"),
+    ("What color is the square?", "WP NN VBZ DT NN"),
+    ("What color is the small triangle?", "WP NN VBZ DT JJ NN"),
+    ("What color is the large diamond?", "WP NN VBZ DT JJ NN"),
+    ("What color is the object left of the cross?", "WP NN VBZ DT NN RB IN DT NN"),
+    ("What color is the object right of the square?", "WP NN VBZ DT NN RB IN DT NN"),
+    ("What shape is the blue object?", "WP NN VBZ DT JJ NN"),
+    ("What shape is the yellow object?", "WP NN VBZ DT JJ NN"),
+    ("How many red objects are there?", "WRB JJ JJ NNS VBP EX"),
+    ("How many green objects are there?", "WRB JJ JJ NNS VBP EX"),
+    ("How many squares are there?", "WRB JJ NNS VBP EX"),
+    ("How many crosses are there?", "WRB JJ NNS VBP EX"),
+    ("How many circles are there?", "WRB JJ NNS VBP EX"),
+    ("Is there a blue triangle?", "VBZ EX DT JJ NN"),
+    ("Is there an orange cross?", "VBZ EX DT JJ NN"),
+    ("Is there a purple circle?", "VBZ EX DT JJ NN"),
+]
+
+
+@pytest.fixture
+def fake_nltk_data(tmp_path, monkeypatch):
+    """NLTK's averaged perceptron tagger data, in NLTK's own on-disk layout and JSON format
+    (``<root>/taggers/averaged_perceptron_tagger_eng/averaged_perceptron_tagger_eng.
+    {weights,tagdict,classes}.json``), trained on :data:`NLTK_TRAINING`; ``nltk.data.path``
+    starts with its root for the test. Returns the root."""
+    import nltk
+    from nltk.tag.perceptron import PerceptronTagger
+
+    sentences = []
+    for question, tags in NLTK_TRAINING:
+        tokens, tags = tokenize(question), tags.split()
+        assert len(tokens) == len(tags), question
+        sentences.append(list(zip(tokens, tags)))
+    state = random.getstate()
+    random.seed(0)  # train() shuffles the sentences with the global random module
+    try:
+        trainer = PerceptronTagger(load=False)
+        trainer.train(sentences, nr_iter=10)
+    finally:
+        random.setstate(state)
+
+    root = tmp_path / "nltk_data"
+    model_dir = root / "taggers" / "averaged_perceptron_tagger_eng"
+    model_dir.parent.mkdir(parents=True)
+    # nltk.data.path is both where find() looks and (nltk 3.10's pathsec) the sandbox of roots
+    # save_to_json may write into and load_from_json may read from: add the root first.
+    monkeypatch.setattr(nltk.data, "path", [str(root)] + list(nltk.data.path))
+    trainer.save_to_json(lang="eng", loc=str(model_dir))
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(trainer.param_files("eng"))
+    # find() resolves the resource to our copy (not to a real install elsewhere on the path).
+    assert str(nltk.data.find(pos.NLTK_RESOURCE)).rstrip("/") == str(model_dir)
+    return root
+
+
+def test_nltk_tagger_on_fake_nltk_data(fake_nltk_data):
+    assert pos.nltk_available()
+    tagger = pos.make_tagger("auto")
+    assert tagger.kind == "nltk"
+    assert tagger.name.startswith("nltk ") and "averaged_perceptron_tagger_eng" in tagger.name
+    assert pos.make_tagger("nltk").name == tagger.name
+    # The averaged perceptron fits its 16 training questions exactly (checked for this seed and
+    # nr_iter; every word is tagged by the model, none by the tag dictionary, which needs >= 20
+    # occurrences of a word).
+    for question, tags in NLTK_TRAINING:
+        assert tagger.tag(tokenize(question)) == tuple(tags.split()), question
+    # Every synthetic template, with words the model never saw in that place: one tag per token.
+    colors, sizes = list(synthetic.COLORS), list(synthetic.SIZES)
+    slots = [{"color": colors[k], "shape": synthetic.SHAPES[k % len(synthetic.SHAPES)],
+              "size": sizes[k % len(sizes)], "side": synthetic.SIDES[k % len(synthetic.SIDES)]}
+             for k in range(len(colors))]
+    for template in synthetic.TEMPLATES:
+        for slot in slots:
+            tokens = tokenize(synthetic.question_text(template, slot)[0])
+            tags = tagger.tag(tokens)
+            assert len(tags) == len(tokens) and all(isinstance(t, str) and t for t in tags)
+    # Tokens outside the synthetic vocabulary (contractions, digits) still get one tag each.
+    for question in ("What's on the man's shirt?", "Are there 2 dogs?", "Is it raining?"):
+        assert len(tagger.tag(tokenize(question))) == len(tokenize(question))
+    assert tagger.tag([]) == ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,3 +318,34 @@ def test_skipped_and_missing_methods(explained_world, tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(DataError, match="pipeline.attribute model=lstm_cnn"):
         pos_histogram.run(evaluation_config(explained_world, *overrides))
+
+
+def test_stage_uses_nltk_when_its_data_is_there(explained_world, fake_nltk_data, tmp_path):
+    # tagger=auto (the default) with the fake NLTK data on nltk.data.path. make_tagger builds a
+    # fresh Tagger on every run (no module-level tagger), and the fixture's monkeypatch of
+    # nltk.data.path is undone after the test, so the other stage tests still get TextBlob.
+    reports = tmp_path / "reports"
+    cfg = evaluation_config(explained_world, "evaluation.pos_histogram.tagger=auto",
+                            "evaluation.bootstrap.samples=50", f"paths.reports_dir={reports}")
+    result = pos_histogram.run(cfg)
+    nltk_tagger = pos.make_tagger("nltk")
+    for name in ("pos_histogram.csv", "pos_ground_truth.csv"):
+        table = pd.read_csv(reports / "tables" / name)
+        assert len(table) and (table.tagger == nltk_tagger.name).all(), name
+        assert not table.tagger.str.contains("textblob").any()
+    metrics = json.loads((reports / "metrics" / "pos_histogram.json").read_text())
+    assert metrics["tagger"] == nltk_tagger.name
+    # The tags in the table are the NLTK model's: a subset of the classes it was trained on,
+    # in frequency order over the model's questions as tagged by NLTK.
+    table = pd.read_csv(reports / "tables" / "pos_histogram.csv")
+    classes = {t for _, tags in NLTK_TRAINING for t in tags.split()}
+    assert set(table.tag) <= classes
+    for model in ("lstm_cnn", "mlb"):
+        index = inputs.load_store(cfg, model)
+        width = inputs.load_method(cfg, model, "occlusion")["question_map"].shape[1]
+        frequency = Counter(t for q in index["questions"]
+                            for t in nltk_tagger.tag(q["tokens"][:width]))
+        expected_order = sorted(frequency, key=lambda t: (-frequency[t], t))[:15]
+        rows = table[(table.model == model) & (table.method == "occlusion")]
+        assert rows.tag.tolist() == expected_order
+    assert set(result["tables"]["pos_histogram"].tagger) == {nltk_tagger.name}

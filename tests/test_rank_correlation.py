@@ -95,6 +95,39 @@ def test_per_question_spearman_matches_scipy_in_a_loop(explained_world, tmp_path
     assert human["mean"] == pytest.approx(np.mean(per_question), abs=1e-12)
 
 
+def test_by_answer_type_is_the_loop_restricted_to_each_type(explained_world, tmp_path):
+    cfg = stage_config(explained_world, tmp_path)
+    result = rank_correlation.run(cfg)
+    table, by_type = result["table"], result["by_answer_type"]
+    assert list(by_type.columns) == rank_correlation.BY_TYPE_COLUMNS
+    index = inputs.load_store(cfg, "mlb")
+    type_of = {q["question_id"]: q["answer_type"] for q in index["questions"]}
+    assert set(by_type.answer_type) == set(type_of.values()) and len(set(type_of.values())) > 1
+    for method in ("guided_backprop", "gradcam"):
+        expected = loop_question_rho(cfg, "mlb", method)
+        rows = by_type[(by_type.model == "mlb") & (by_type.method == method) & (by_type.reference == "human")]
+        for row in rows.itertuples():
+            values = [v for q, v in expected.items() if type_of[q] == row.answer_type]
+            assert row.n == len(values)
+            assert row.mean == pytest.approx(np.mean(values), abs=1e-12)
+        # The types partition the questions of the overall row.
+        overall = table[(table.model == "mlb") & (table.method == method) & (table.reference == "human")].iloc[0]
+        assert rows.n.sum() == overall["n"]
+    # beats_random compares with random's interval of the same model, reference and answer type.
+    for row in by_type[(by_type.method != "random") & (by_type.model != "human")].itertuples():
+        random_row = by_type[(by_type.model == row.model) & (by_type.method == "random")
+                             & (by_type.reference == row.reference)
+                             & (by_type.answer_type == row.answer_type)].iloc[0]
+        if np.isnan(row.ci_low) or np.isnan(random_row.ci_high):
+            assert row.beats_random == ""
+        else:
+            assert row.beats_random == (row.ci_low > random_row.ci_high)
+    reports = tmp_path / "reports"
+    assert (reports / "figures" / "rank_correlation_by_answer_type.png").stat().st_size > 1000
+    md = (reports / "tables" / "rank_correlation_by_answer_type.md").read_text()
+    assert all(f"n {t}" in md for t in set(type_of.values()))
+
+
 def test_injected_maps_missing_and_odd_sized_human_maps(explained_world, tmp_path):
     base = stage_config(explained_world, tmp_path)
     attributions, processed, overrides = copy_world_inputs(base, tmp_path)
@@ -208,7 +241,8 @@ def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, t
         random_row = df[(df.model == row.model) & (df.method == "random") & (df.reference == row.reference)].iloc[0]
         assert row.beats_random == (row.ci_low > random_row.ci_high)
     metrics = json.loads((tmp_path / "a" / "reports" / "metrics" / "rank_correlation.json").read_text())
-    assert set(metrics) == {"lstm_cnn", "mlb", "human", "not_beating_random"}
+    assert set(metrics) == {"lstm_cnn", "mlb", "human", "not_beating_random",
+                            "not_beating_random_by_answer_type"}
     assert metrics["mlb"]["attention"]["human"] == pytest.approx(
         df[(df.model == "mlb") & (df.method == "attention") & (df.reference == "human")]["mean"].iloc[0])
     assert sorted(metrics["not_beating_random"]) == sorted(

@@ -41,8 +41,18 @@ def fake_tables() -> dict[str, pd.DataFrame]:
         rank_rows.append({"model": "human", "method": "human", "reference": reference, "resolution": 16,
                           "n": 12, "mean": 0.61 if reference == "human" else 0.7, "ci_low": 0.5,
                           "ci_high": 0.7, "beats_random": ""})
+    by_type_rows = []
+    for model, method, means in (("lstm_cnn", "random", (0.0, 0.01)), ("lstm_cnn", "gradcam", (-0.25, 0.2)),
+                                 ("lstm_cnn", "guided_backprop", (0.05, 0.02)), ("lstm_cnn", "occlusion", (0.4, 0.4)),
+                                 ("mlb", "random", (0.0, 0.01)), ("mlb", "attention", (0.0, 0.3))):
+        for answer_type, mean in zip(("number", "other"), means):
+            beats = "" if method == "random" else mean - 0.03 > 0.03
+            by_type_rows.append({"model": model, "method": method, "reference": "ground_truth",
+                                 "answer_type": answer_type, "n": 6, "mean": mean, "ci_low": mean - 0.03,
+                                 "ci_high": mean + 0.03, "beats_random": beats})
     return {
         "rank_correlation": pd.DataFrame(rank_rows),
+        "rank_correlation_by_answer_type": pd.DataFrame(by_type_rows),
         "pos_histogram": pd.DataFrame({"model": ["mlb", "mlb"], "method": ["occlusion"] * 2,
                                        "tagger": [TAGGER] * 2, "tag": ["NN", "WP"], "group": ["nouns", "wh-words"],
                                        "tag_count": [20, 12], "most_important": [11, 1],
@@ -59,7 +69,7 @@ def fake_tables() -> dict[str, pd.DataFrame]:
     }
 
 
-FIGURES = ["rank_correlation", "pos_histogram", "failure_prediction", "hadamard_1", "hadamard_2",
+FIGURES = ["rank_correlation", "rank_correlation_by_answer_type", "pos_histogram", "failure_prediction", "hadamard_1", "hadamard_2",
            "gating_sweep", "sanity"]
 
 
@@ -107,10 +117,15 @@ def test_readme_has_every_table_figure_and_published_citation(reported, explaine
     # Sections in DESIGN.md order.
     order = [readme.index(s.title) for s in report.SECTIONS]
     assert order == sorted(order)
-    # Every published entry with its citation; none verified, so none shows a number.
+    # Every published entry with its citation; none verified: the quoted ones show their number
+    # labelled as not checked against the paper, the others no number.
     for p in PUBLISHED:
         assert p.quantity in readme and p.where in readme
-    assert readme.count(report.NOT_VERIFIED) == len(PUBLISHED)
+    quoted = [p for p in PUBLISHED if p.quoted]
+    assert quoted and not any(p.verified for p in PUBLISHED)
+    assert readme.count(report.NOT_VERIFIED) == len(PUBLISHED) - len(quoted)
+    for p in quoted:
+        assert f"{p.value:.3f} ({p.data}; {report.QUOTED} {p.quoted_in})" in readme
     # Our counterparts located in the tables: lstm_cnn occlusion vs human = 0.2, failure 0.6875.
     assert "| rank correlation with human attention: occlusion | 0.200 (lstm_cnn, occlusion vs human)" in readme
     assert "0.688 (lstm_cnn, flip features)" in readme
@@ -124,6 +139,21 @@ def test_methods_not_beating_random_use_the_ground_truth_rows(reported):
     assert "| lstm_cnn | gradcam, guided_backprop | occlusion | (none) |" in section
     assert "| mlb | attention | gradcam, occlusion, guided_backprop | (none) |" in section
     assert result["not_beating_random"] == {"lstm_cnn": ["gradcam", "guided_backprop"], "mlb": ["attention"]}
+    # Where they fail: each failing method's answer types next to random's, from the breakdown.
+    assert "Where they fail, per answer type" in section
+    assert "| lstm_cnn | random | 0.000 [-0.030, 0.030] | 0.010 [-0.020, 0.040] |" in section
+    assert ("| lstm_cnn | gradcam | -0.250 [-0.280, -0.220] (does not) | 0.200 [0.170, 0.230] (beats random) |"
+            in section)
+    assert "| mlb | attention | 0.000 [-0.030, 0.030] (does not) | 0.300 [0.270, 0.330] (beats random) |" in section
+    assert "occlusion |" not in section.split("Where they fail")[1]  # beats random: not listed
+
+
+def test_no_failure_breakdown_when_every_method_beats_random():
+    by_type = fake_tables()["rank_correlation_by_answer_type"]
+    assert report.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": [], "mlb": []}) == ""
+    assert report.failures_by_answer_type(None, "ground_truth", {"mlb": ["attention"]}) == ""
+    with pytest.raises(DataError, match="pipeline.rank_correlation"):
+        report.failures_by_answer_type(by_type.drop(columns=["answer_type"]), "ground_truth", {"mlb": ["attention"]})
 
 
 def test_gallery_shows_the_sampled_questions_with_existing_overlays(reported, explained_world):
