@@ -287,27 +287,11 @@ def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3,
 
 def load_questions(cfg: DictConfig, model, split: str, limit: int):
     """The first ``limit`` questions of ``split`` (by image id, then question id) as
-    (images N x 3 x S x S, tokens N x T)."""
-    from pipeline.data import processed
-    from pipeline.data.images import ImageTransform
-    from pipeline.data.vqa_format import load_image
+    (images N x 3 x S x S, tokens N x T), T = ``data.max_question_length``."""
+    from pipeline.evaluation.inputs import question_batch
 
-    records = processed.load_question_table(abspath(cfg.paths.processed_dir), split)
-    records = sorted(records, key=lambda r: (r["image_id"], r["question_id"]))[:limit]
-    transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
-    root = abspath(cfg.data.root)
-    loaded = {}
-    images = []
-    for r in records:
-        if r["image"] not in loaded:
-            loaded[r["image"]] = transform(load_image(root / r["image"]))
-        images.append(loaded[r["image"]])
-    length = int(cfg.data.max_question_length)
-    tokens = torch.zeros(len(records), length, dtype=torch.long)
-    for row, r in enumerate(records):
-        ids = r["token_ids"][:length]
-        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return torch.stack(images), tokens
+    _, images, tokens = question_batch(cfg, model, split, limit, int(cfg.data.max_question_length))
+    return images, tokens
 
 
 def format_table(result: dict) -> str:

@@ -128,7 +128,9 @@ SECTIONS: tuple[Section, ...] = (
              TableSpec("gating_sweep", "gating_study", needs_ground_truth=True,
                        caption="Top-n sweep on same-answer question pairs")),
             (FigureSpec("gating_sweep.png", "gating_study", needs_ground_truth=True),)),
-    Section("not_beating_random", "Which methods do not beat random", ""),
+    Section("not_beating_random", "Which methods do not beat random", "",
+            (TableSpec("evidence_slope", "evidence_slope", needs_ground_truth=True,
+                       caption="Does the answer's score rise with the evidence at the ground truth?"),)),
     Section("sanity", "Sanity checks (Adebayo et al. 2018): cascading parameter randomisation",
             "Spearman between each method's maps from the trained model and from models whose "
             "layers are randomised from the top down; a method whose maps survive randomisation "
@@ -388,11 +390,13 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
     return ("Where they fail, per answer type (mean rho [95% CI] against the same reference; from "
             "`tables/rank_correlation_by_answer_type.csv`). A mean below zero is a map that ranks "
             "the cells to look at *lowest* on those questions. Grad-CAM's map is the first-order "
-            "(signed) contribution of each cell's features to the answer's score; our reading, "
-            "not a measurement, is that a count answer sits at a peak, not on a slope (more of the "
-            "counted objects would make \"2\" less likely, not more), so the signed contribution "
-            "of the counted objects is negative, whereas maps of gradient magnitude (guided "
-            "backprop) or of perturbation effects (occlusion) are not affected by the sign.\n\n"
+            "(signed) contribution of each cell's features to the answer's score. A count answer "
+            "sits at a peak, not on a slope: more of the counted objects would make \"2\" less "
+            "likely, not more. The table below (stage `evidence_slope`) measures this directly, "
+            "by scaling the ground-truth cells' features and recording whether the answer's "
+            "score falls, and how often Grad-CAM's sign agrees with that change. Maps of "
+            "gradient magnitude (guided backprop) or of perturbation effects (occlusion) do not "
+            "depend on the sign.\n\n"
             + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
 
 
@@ -401,6 +405,8 @@ def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markd
     out = [f"## {section.title}", ""]
     if section.text:
         out += [section.text, ""]
+    if section.key == "not_beating_random":  # the verdict first, then the table that explains it
+        out += [not_beating_random(frames, synthetic, assembled), ""]
     for spec in section.tables:
         if spec.name not in markdowns:
             out += [f"*{spec.caption or spec.name}: absent because `{cfg.data.name}` has no ground "
@@ -420,8 +426,6 @@ def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markd
             out += [f"![{path.stem}]({rel})", ""]
     if section.key == "gradcam":
         out += [gradcam_rows(frames), ""]
-    if section.key == "not_beating_random":
-        out += [not_beating_random(frames, synthetic, assembled), ""]
     if section.published:
         out += ["**Published values next to ours**", "",
                 published_table(cfg, for_section(section.published, PUBLISHED), frames), ""]

@@ -45,10 +45,7 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution import explain
 from pipeline.config import abspath, stage_main
-from pipeline.data import processed
 from pipeline.data.errors import DataError
-from pipeline.data.images import ImageTransform
-from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import inputs, randomisation
 from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
 from pipeline.evaluation.stats import summarise
@@ -74,30 +71,6 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def load_questions(cfg, model, count: int):
-    """The first ``count`` validation questions (by image id, then question id) as a batch:
-    (records, images, tokens), built as the attribute stage builds its batches."""
-    processed_dir = abspath(cfg.paths.processed_dir)
-    records = processed.load_question_table(processed_dir, str(cfg.evaluation.split))
-    records = sorted(records, key=lambda r: (r["image_id"], r["question_id"]))[:int(count)]
-    if not records:
-        raise DataError("no validation questions: run `python -m pipeline.prepare` (stage prepare)",
-                        processed.questions_file(processed_dir, str(cfg.evaluation.split)))
-    transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
-    root = abspath(cfg.data.root)
-    cache = {}
-    for r in records:  # one decode per image
-        if r["image"] not in cache:
-            cache[r["image"]] = transform(load_image(root / r["image"]))
-    images = torch.stack([cache[r["image"]] for r in records])
-    length = min(int(cfg.data.max_question_length), max(len(r["token_ids"]) for r in records))
-    tokens = torch.zeros(len(records), max(1, length), dtype=torch.long)
-    for row, r in enumerate(records):
-        ids = r["token_ids"][:length]
-        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return records, images, tokens
 
 
 def method_groups(methods, limits: dict, total: int) -> dict[int, list[str]]:
@@ -139,7 +112,8 @@ def step_options(options: dict, seed: int, step: int) -> dict:
 def cascade(cfg, model_name: str, s, boot, seed: int) -> tuple[list[dict], dict]:
     """The rows of the sanity table for one model and its metrics."""
     model = load_trained_model(cfg, model_name)
-    records, images, tokens = load_questions(cfg, model, int(s.questions))
+    records, images, tokens = inputs.question_batch(cfg, model, str(cfg.evaluation.split),
+                                                     int(s.questions))
     resolution = int(cfg.evaluation.resolution)
     options = OmegaConf.to_container(cfg.attribution.options, resolve=True)
     for method, extra in OmegaConf.to_container(s.options, resolve=True).items():

@@ -66,6 +66,8 @@ def fake_tables() -> dict[str, pd.DataFrame]:
         "gating_score_correlation": pd.DataFrame({"model": ["mlb"], "case": ["same_question"], "mean": [0.9]}),
         "gating_sweep": pd.DataFrame({"model": ["mlb"], "n": [10], "own_mask": [0.3]}),
         "sanity": pd.DataFrame({"model": ["mlb"], "method": ["gradcam"], "step": [1], "mean": [0.1], "flagged": [False]}),
+        "evidence_slope": pd.DataFrame({"model": ["mlb", "mlb"], "answer_type": ["number", "all"], "n": [5, 12],
+                                        "score_falls": [0.8, 0.5], "gradcam_agrees": [0.9, 0.7]}),
     }
 
 
@@ -218,7 +220,7 @@ def test_missing_table_or_figure_names_the_stage(explained_world, tmp_path):
 
 def test_data_without_ground_truth_reports_the_absent_sections(explained_world, tmp_path):
     reports = make_reports(explained_world, tmp_path)
-    for name in ("pos_ground_truth", "gating_sweep"):
+    for name in ("pos_ground_truth", "gating_sweep", "evidence_slope"):
         (reports / "tables" / f"{name}.csv").unlink()
         (reports / "tables" / f"{name}.md").unlink()
     (reports / "figures" / "gating_sweep.png").unlink()
@@ -229,7 +231,7 @@ def test_data_without_ground_truth_reports_the_absent_sections(explained_world, 
     readme = (reports / "README.md").read_text()
     assert "NOT on VQA" not in readme
     assert readme.count("has no ground truth") >= 3
-    assert result["absent_sections"] == ["pos_ground_truth", "gating_sweep"]
+    assert result["absent_sections"] == ["pos_ground_truth", "gating_sweep", "evidence_slope"]
     # Without ground truth the verdict falls back, explicitly, on the human maps: all beat random.
     assert "the reference is the human attention maps" in readme
     assert result["not_beating_random"] == {"lstm_cnn": [], "mlb": []}

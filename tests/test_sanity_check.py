@@ -59,7 +59,7 @@ def test_cascade_is_read_off_the_model_top_down(trained_world, tmp_path):
     cfg = stage_config(trained_world, tmp_path)
     for name in MODELS:
         model = trained_model(cfg, name)
-        _, images, tokens = sanity_check.load_questions(cfg, model, 4)
+        _, images, tokens = inputs.question_batch(cfg, model, "val", 4)
         units = [n for n, _ in randomisation.cascade_units(model, images, tokens)]
         assert units[0] == "head.classifier" and units[-1] == "backbone.stem"
         tops = [u.split(".")[0] for u in units]
@@ -78,7 +78,7 @@ def test_cascade_is_read_off_the_model_top_down(trained_world, tmp_path):
 def test_randomisation_changes_the_copy_only(trained_world, tmp_path):
     cfg = stage_config(trained_world, tmp_path)
     model = trained_model(cfg, "mlb")
-    _, images, tokens = sanity_check.load_questions(cfg, model, 4)
+    _, images, tokens = inputs.question_batch(cfg, model, "val", 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         logits = model(images, tokens)
@@ -157,7 +157,7 @@ def test_a_step_matches_an_independent_recomputation(stage_run):
     cfg, metrics, _ = stage_run
     table = pd.read_csv(tables_dir(cfg) / "sanity.csv")
     model = trained_model(cfg, "mlb")
-    _, images, tokens = sanity_check.load_questions(cfg, model, int(cfg.evaluation.sanity_check.questions))
+    _, images, tokens = inputs.question_batch(cfg, model, "val", int(cfg.evaluation.sanity_check.questions))
     with torch.no_grad():
         target = model(images, tokens).argmax(1)
     methods = ["gradcam", "guided_backprop"]

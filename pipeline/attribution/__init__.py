@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["explain", "available_methods", "Explanation"]
 
+_skips_logged: set[tuple[str, str]] = set()
+
 
 def available_methods() -> list[str]:
     return sorted(METHODS)
@@ -55,7 +57,9 @@ def explain(model, images: torch.Tensor, question_tokens: torch.Tensor,
             try:
                 results[name] = METHODS[name](ctx)
             except NotApplicable as e:
-                log.info("skipping %s: %s", name, e)
+                if (name, str(e)) not in _skips_logged:  # once, not once per batch
+                    _skips_logged.add((name, str(e)))
+                    log.info("skipping %s: %s", name, e)
                 results[name] = Explanation(name, skipped=str(e))
             results[name].seconds = time.perf_counter() - start
     return results

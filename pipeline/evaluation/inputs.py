@@ -54,6 +54,38 @@ def load_method(cfg, model: str, method: str) -> dict[str, np.ndarray]:
     return store.load_method(attribution_dir(cfg, model), method)
 
 
+def question_batch(cfg, model, split_key: str, count: int | None = None,
+                   token_width: int | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """The first ``count`` questions of a split (all with None; by image id, then question id)
+    as the attribute stage feeds them to ``model``: (records, images N x 3 x S x S normalised
+    for the model's backbone, tokens N x T). T is ``token_width``, or by default the longest
+    question's length capped at ``data.max_question_length``. Each image is decoded once."""
+    from pipeline.data.images import ImageTransform
+    from pipeline.data.vqa_format import load_image
+
+    processed_dir = abspath(cfg.paths.processed_dir)
+    records = processed.load_question_table(processed_dir, split_key)
+    records = sorted(records, key=lambda r: (r["image_id"], r["question_id"]))
+    records = records if count is None else records[:int(count)]
+    if not records:
+        raise DataError(f"no {split_key} questions: run `python -m pipeline.prepare` (stage prepare)",
+                        processed.questions_file(processed_dir, split_key))
+    transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
+    root = abspath(cfg.data.root)
+    decoded = {}
+    for r in records:
+        if r["image"] not in decoded:
+            decoded[r["image"]] = transform(load_image(root / r["image"]))
+    images = torch.stack([decoded[r["image"]] for r in records])
+    width = int(token_width) if token_width is not None else min(
+        int(cfg.data.max_question_length), max(1, max(len(r["token_ids"]) for r in records)))
+    tokens = torch.zeros(len(records), width, dtype=torch.long)
+    for row, r in enumerate(records):
+        ids = r["token_ids"][:width]
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return records, images, tokens
+
+
 def split_name(cfg, split_key: str) -> str:
     """The file-level split name (``val2014``) of a split key (``val``)."""
     return str(cfg.data.splits[split_key])

@@ -7,13 +7,15 @@ import torch
 from pipeline.attribution.base import Explanation, NotApplicable, register
 
 
-def gradcam_map(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+def gradcam_map(activations: torch.Tensor, gradients: torch.Tensor, relu: bool = True) -> torch.Tensor:
     """Eq. 1 (channel weights: spatially averaged gradients) and Eq. 2 (ReLU of the weighted
-    sum of feature maps): B x K x h x w -> B x h x w."""
+    sum of feature maps): B x K x h x w -> B x h x w. ``relu=False`` keeps the signed sum (the
+    evidence-slope check reads where it is negative)."""
     if activations.dim() != 4:
         raise NotApplicable("Grad-CAM needs a spatial conv map (B x K x h x w) at 'conv'")
     weights = gradients.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * activations).sum(dim=1))
+    weighted = (weights * activations).sum(dim=1)
+    return torch.relu(weighted) if relu else weighted
 
 
 @register("gradcam")

@@ -1,0 +1,175 @@
+"""Stage ``evidence_slope``: does the answer's score rise when the evidence where one must look
+grows? A measured answer to why signed-gradient maps (Grad-CAM) rank the ground truth *below*
+random on some questions (``rank_correlation_by_answer_type``), beyond the papers.
+
+    python -m pipeline.evidence_slope [evaluation.evidence_slope.eps=0.05]
+
+For every validation question (synthetic data: the exact ground truth is needed) and every
+model, on the ``conv`` feature grid A (the layer Grad-CAM reads):
+
+* ``delta``: the change of the explained answer's logit y^c when the features of the ground-truth
+  cells (cells whose share covered by the question's objects is at least ``cell_share``) are
+  scaled by 1 + eps, all other cells unchanged -- a finite difference, no gradient involved;
+* ``first_order``: eps * sum over those cells of (dy^c/dA_s . A_s), the same change to first order
+  (the directional derivative along the scaling), which says whether the gradient is a faithful
+  local picture of ``delta``;
+* ``gradcam_contrast``: the signed Grad-CAM sum (Selvaraju et al. Eq. 2 without the ReLU) averaged
+  over the ground-truth cells minus its average over the other cells.
+
+A question whose answer is a count sits at a peak of its answer's score, not on a slope: more of
+the counted objects makes "2" less likely. If ``delta`` is mostly negative there and Grad-CAM's
+contrast has the same sign, the negative rank correlation of Grad-CAM on those questions is what
+the model computes, not an implementation slip.
+
+The table has one row per model and answer type (and ``all``): ``n`` questions scored,
+``no_truth`` questions without ground-truth cells (e.g. a count of 0; excluded), the share of
+questions whose score falls (``score_falls``, with a 95% bootstrap interval), the mean ``delta``,
+how often the first-order estimate has the sign of ``delta`` (``first_order_agrees``), how often
+Grad-CAM's contrast is negative (``gradcam_negative``) and how often its sign agrees with
+``delta`` (``gradcam_agrees``).
+
+Writes ``reports/tables/evidence_slope.{csv,md}`` and ``reports/metrics/evidence_slope.json``.
+On data without ground truth both are written empty, with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.attribution.methods.gradcam import gradcam_map
+from pipeline.config import abspath, stage_main
+from pipeline.evaluation import inputs
+from pipeline.evaluation.outputs import log_to_wandb, markdown_table, tables_dir, write_table
+from pipeline.evaluation.stats import bootstrap_ci
+from pipeline.io import write_json, write_text
+from pipeline.models import load_trained_model
+from pipeline.seeding import seed_everything
+
+log = logging.getLogger(__name__)
+
+STAGE = "evidence_slope"
+COLUMNS = ["model", "answer_type", "n", "no_truth", "score_falls", "ci_low", "ci_high", "mean_delta",
+           "first_order_agrees", "gradcam_negative", "gradcam_agrees"]
+
+
+def evidence_slope(head, grid: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor,
+                   eps: float) -> dict[str, np.ndarray]:
+    """For one batch: ``grid`` B x C x h x w features at ``conv``, ``masks`` B x h x w bool (the
+    ground-truth cells). Returns per question the explained (predicted) answer, ``delta``,
+    ``first_order`` and ``gradcam_contrast`` (NaN where the mask is empty or covers every cell)."""
+    features = grid.detach().requires_grad_(True)
+    logits = head(features, tokens)
+    target = logits.argmax(1)
+    score = logits.gather(1, target[:, None])[:, 0]
+    (gradient,) = torch.autograd.grad(score.sum(), features)
+    weight = masks[:, None].to(features.dtype)
+    with torch.no_grad():
+        scaled = features * (1 + eps * weight)
+        delta = head(scaled, tokens).gather(1, target[:, None])[:, 0] - score
+        first_order = eps * (gradient * features * weight).sum(dim=(1, 2, 3))
+        cam = gradcam_map(features, gradient, relu=False)
+        inside, outside = masks.sum((1, 2)), (~masks).sum((1, 2))
+        contrast = ((cam * masks).sum((1, 2)) / inside.clamp(min=1)
+                    - (cam * ~masks).sum((1, 2)) / outside.clamp(min=1))
+        contrast = torch.where((inside > 0) & (outside > 0), contrast, torch.nan)
+    return {"target": target.numpy(), "delta": delta.double().numpy(),
+            "first_order": first_order.double().numpy(), "gradcam_contrast": contrast.double().numpy()}
+
+
+def measure(cfg, model_name: str, e) -> pd.DataFrame:
+    """Per-question measurements of one model over the whole split (question id order of the
+    attribute stage's batches: by image, then question id)."""
+    model = load_trained_model(cfg, model_name).eval()
+    records, images, tokens = inputs.question_batch(cfg, model, str(cfg.evaluation.split))
+    qids = [int(r["question_id"]) for r in records]
+    batch, eps, share = int(e.batch), float(e.eps), float(e.cell_share)
+    rows = []
+    for start in tqdm(range(0, len(records), batch), desc=f"evidence slope {model_name}", unit="batch"):
+        stop = min(start + batch, len(records))
+        with torch.no_grad():
+            grid = model.backbone(images[start:stop])
+        truth = inputs.ground_truth_maps(cfg, str(cfg.evaluation.split), qids[start:stop], grid.shape[-1])
+        masks = torch.from_numpy(np.stack([truth[q] >= share for q in qids[start:stop]]))
+        out = evidence_slope(model.head, grid, tokens[start:stop], masks, eps)
+        for k, r in enumerate(records[start:stop]):
+            rows.append({"question_id": qids[start + k], "answer_type": str(r["answer_type"]),
+                         "truth_cells": int(masks[k].sum()), **{name: v[k] for name, v in out.items()}})
+    return pd.DataFrame(rows)
+
+
+def summarise_model(model: str, per_question: pd.DataFrame, boot: dict) -> list[dict]:
+    rows = []
+    groups = [(t, per_question[per_question["answer_type"] == t])
+              for t in sorted(per_question["answer_type"].unique())] + [("all", per_question)]
+    for answer_type, part in groups:
+        scored = part[part["truth_cells"] > 0]
+        falls = (scored["delta"] < 0).to_numpy(dtype=np.float64)
+        low, high = bootstrap_ci(falls, **boot)
+        delta_sign = np.sign(scored["delta"].to_numpy())
+        contrast = scored["gradcam_contrast"].to_numpy()
+        defined = np.isfinite(contrast)
+        rows.append({
+            "model": model, "answer_type": answer_type, "n": int(len(scored)),
+            "no_truth": int((part["truth_cells"] == 0).sum()),
+            "score_falls": float(falls.mean()) if len(falls) else float("nan"),
+            "ci_low": low, "ci_high": high,
+            "mean_delta": float(scored["delta"].mean()) if len(scored) else float("nan"),
+            "first_order_agrees": float((np.sign(scored["first_order"].to_numpy()) == delta_sign).mean())
+            if len(scored) else float("nan"),
+            "gradcam_negative": float((contrast[defined] < 0).mean()) if defined.any() else float("nan"),
+            "gradcam_agrees": float((np.sign(contrast[defined]) == delta_sign[defined]).mean())
+            if defined.any() else float("nan"),
+        })
+    return rows
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    ev, e = cfg.evaluation, cfg.evaluation[STAGE]
+    boot = {"samples": int(ev.bootstrap.samples), "confidence": float(ev.bootstrap.confidence),
+            "seed": int(ev.seed)}
+    seed_everything(int(ev.seed))
+    out_csv = tables_dir(cfg) / f"{STAGE}.csv"
+    metrics_path = abspath(cfg.paths.metrics_dir) / f"{STAGE}.json"
+    if cfg.data.source != "synthetic":
+        reason = f"{cfg.data.name} has no ground truth of where to look (synthetic data only)"
+        log.warning("evidence slope not measured: %s", reason)
+        table = pd.DataFrame(columns=COLUMNS)
+        write_table(table, out_csv, markdown=False)
+        write_text(out_csv.with_suffix(".md"), f"Not measured: {reason}.\n")
+        write_json(metrics_path, {"skipped": reason})
+        return {"table": table, "metrics": {"skipped": reason}}
+    rows = []
+    for model in [str(m) for m in ev.models]:
+        rows += summarise_model(model, measure(cfg, model, e), boot)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    write_table(table, out_csv, markdown=False)
+    write_text(out_csv.with_suffix(".md"),
+               f"Scaling the ground-truth cells' features (share >= {float(e.cell_share):g}) by "
+               f"1 + {float(e.eps):g} at `conv`: how often the explained answer's logit falls "
+               "(`score_falls`, 95% bootstrap interval), the mean change, how often the "
+               "first-order (gradient) estimate has the same sign, how often the signed Grad-CAM "
+               "sum is lower on the ground truth than elsewhere (`gradcam_negative`) and how "
+               "often its sign agrees with the measured change (`gradcam_agrees`).\n\n"
+               + markdown_table(table))
+    metrics = {f"{r['model']}/{r['answer_type']}": {k: (None if isinstance(r[k], float) and np.isnan(r[k])
+                                                        else r[k])
+                                                    for k in ("n", "score_falls", "gradcam_agrees")}
+               for r in rows}
+    write_json(metrics_path, metrics)
+    log_to_wandb(cfg, STAGE, tables={STAGE: table},
+                 summary={f"{k}/score_falls": v["score_falls"] for k, v in metrics.items()})
+    log.info("evidence slope of %s in %.1f s", list(ev.models), time.perf_counter() - start)
+    return {"table": table, "metrics": metrics}
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()
