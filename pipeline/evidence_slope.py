@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from pipeline.attribution.methods.gradcam import gradcam_map
 from pipeline.config import abspath, stage_main
 from pipeline.evaluation import inputs
-from pipeline.evaluation.outputs import log_to_wandb, markdown_table, tables_dir, write_table
+from pipeline.evaluation.outputs import json_safe, log_to_wandb, markdown_table, tables_dir, write_table
 from pipeline.evaluation.stats import bootstrap_ci
 from pipeline.io import write_json, write_text
 from pipeline.models import load_trained_model
@@ -158,10 +158,8 @@ def run(cfg: DictConfig) -> dict:
                "sum is lower on the ground truth than elsewhere (`gradcam_negative`) and how "
                "often its sign agrees with the measured change (`gradcam_agrees`).\n\n"
                + markdown_table(table))
-    metrics = {f"{r['model']}/{r['answer_type']}": {k: (None if isinstance(r[k], float) and np.isnan(r[k])
-                                                        else r[k])
-                                                    for k in ("n", "score_falls", "gradcam_agrees")}
-               for r in rows}
+    metrics = json_safe({f"{r['model']}/{r['answer_type']}": {k: r[k] for k in ("n", "score_falls", "gradcam_agrees")}
+                         for r in rows})
     write_json(metrics_path, metrics)
     log_to_wandb(cfg, STAGE, tables={STAGE: table},
                  summary={f"{k}/score_falls": v["score_falls"] for k, v in metrics.items()})

@@ -43,7 +43,7 @@ from pipeline.config import abspath, stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.failure import balanced_accuracy, out_of_fold_scores, roc_auc, roc_auc_ci
-from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, save_figure, tables_dir, write_table
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
@@ -196,10 +196,6 @@ def plot(frames: dict[str, pd.DataFrame], edges: list[int]):
     return fig
 
 
-def _finite_or_none(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluation
@@ -227,14 +223,14 @@ def run(cfg: DictConfig) -> dict:
         wrong = ~kept["correct"].astype(bool).to_numpy()
         rho, p = flip_accuracy_correlation(frame)
         metrics[model] = {"questions": len(kept), "wrong": int(wrong.sum()),
-                          "flips_vqa_accuracy_rho": _finite_or_none(rho)}
+                          "flips_vqa_accuracy_rho": json_safe(rho)}
         for name, features in feature_sets.items():
             result = evaluate(kept[features].to_numpy(dtype=np.float64), wrong, folds, l2, boot)
             rows.append({"model": model, "features": name, **result,
                          "no_label": int((~labelled).sum()),
                          "invalid": int((labelled & ~frame["usable"]).sum()),
                          "flips_vqa_accuracy_rho": rho, "flips_vqa_accuracy_p": p})
-            metrics[model][name] = {k: _finite_or_none(result[k]) for k in
+            metrics[model][name] = {k: json_safe(result[k]) for k in
                                     ("majority_accuracy", "cv_accuracy", "balanced_accuracy", "roc_auc")}
             if result["note"]:
                 log.warning("%s / %s: %s", model, name, result["note"])
@@ -243,7 +239,7 @@ def run(cfg: DictConfig) -> dict:
     (csv_path, _) = write_table(table, tables_dir(cfg) / f"{STAGE}.csv")
     figure = save_figure(plot(frames, list(settings.flip_bins)), figures_dir(cfg) / f"{STAGE}.png")
     write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
-    summary = {f"{r.model}/{r.features}/{k}": _finite_or_none(getattr(r, k))
+    summary = {f"{r.model}/{r.features}/{k}": json_safe(getattr(r, k))
                for r in table.itertuples(index=False)
                for k in ("cv_accuracy", "majority_accuracy", "balanced_accuracy", "roc_auc")}
     log_to_wandb(cfg, STAGE, tables={STAGE: table}, figures={STAGE: figure}, summary=summary)

@@ -40,7 +40,6 @@ that are undefined (a constant map or score vector: Spearman has no ranking) are
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -55,7 +54,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import gating, inputs
-from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, save_figure, tables_dir, write_table
 from pipeline.evaluation.stats import summarise
 from pipeline.io import write_json
 from pipeline.models import load_trained_model
@@ -70,18 +69,6 @@ OVERLAP_COLUMNS = ["model", "case", "group", "questions", "n", "mean", "ci_low",
 CORRELATION_COLUMNS = ["model", "case", "measure", "n", "mean", "ci_low", "ci_high", "undefined"]
 SWEEP_COLUMNS = ["model", "method", "top_n", "full_width", "measure", "n", "mean", "ci_low",
                  "ci_high", "undefined"]
-
-
-def json_safe(value):
-    """The metrics with undefined numbers (NaN: no finite values to average) as null, which
-    every JSON reader (``dvc metrics``) accepts."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _attribute_hint(model: str) -> str:

@@ -49,8 +49,8 @@ from pipeline.attribution.store import read_arrays
 from pipeline.config import abspath, stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
-from pipeline.evaluation.outputs import (figures_dir, log_to_wandb, markdown_table, save_figure, tables_dir,
-                                         write_table)
+from pipeline.evaluation.outputs import (figures_dir, json_safe, log_to_wandb, markdown_table, save_figure,
+                                         tables_dir, write_table)
 from pipeline.evaluation.stats import has_ties, is_constant, spearman_rows, summarise
 from pipeline.io import write_json, write_text
 
@@ -342,10 +342,6 @@ def plot_by_type(table: pd.DataFrame, reference: str):
     return fig
 
 
-def _finite_or_none(value: float):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluation
@@ -415,7 +411,7 @@ def run(cfg: DictConfig) -> dict:
 
     metrics: dict = {}
     for row in table.itertuples(index=False):
-        metrics.setdefault(row.model, {}).setdefault(row.method, {})[row.reference] = _finite_or_none(row.mean)
+        metrics.setdefault(row.model, {}).setdefault(row.method, {})[row.reference] = json_safe(row.mean)
     metrics["not_beating_random"] = [f"{r.model}/{r.method}/{r.reference}"
                                      for r in table.itertuples(index=False) if r.beats_random is False]
     metrics["not_beating_random_by_answer_type"] = [
@@ -423,7 +419,7 @@ def run(cfg: DictConfig) -> dict:
         for r in by_type.itertuples(index=False) if r.beats_random is False]
     write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
 
-    summary = {f"{r.model}/{r.method}/{r.reference}": _finite_or_none(r.mean)
+    summary = {f"{r.model}/{r.method}/{r.reference}": json_safe(r.mean)
                for r in table.itertuples(index=False)}
     log_to_wandb(cfg, STAGE, tables={STAGE: table, BY_TYPE: by_type},
                  figures={STAGE: figure, BY_TYPE: type_figure}, summary=summary)

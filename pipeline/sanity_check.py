@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 
 import numpy as np
@@ -47,7 +46,7 @@ from pipeline.attribution import explain
 from pipeline.config import abspath, stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs, randomisation
-from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, save_figure, tables_dir, write_table
 from pipeline.evaluation.stats import summarise
 from pipeline.io import write_json
 from pipeline.models import load_trained_model
@@ -59,18 +58,6 @@ STAGE = "sanity_check"
 REFERENCE = "random"
 COLUMNS = ["model", "method", "modality", "step", "layers_randomised", "n", "mean", "ci_low",
            "ci_high", "undefined", "flagged"]
-
-
-def json_safe(value):
-    """The metrics with undefined numbers (NaN: no finite values to average) as null, which
-    every JSON reader (``dvc metrics``) accepts."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def method_groups(methods, limits: dict, total: int) -> dict[int, list[str]]:

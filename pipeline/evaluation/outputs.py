@@ -15,6 +15,18 @@ from pipeline.io import atomic_path, write_text
 log = logging.getLogger(__name__)
 
 
+def json_safe(value):
+    """Metrics with undefined numbers (NaN: nothing finite to average) as null, which every JSON
+    reader (``dvc metrics``) accepts; dicts, lists and tuples converted all the way down."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def tables_dir(cfg) -> Path:
     return abspath(cfg.paths.reports_dir) / "tables"
 
