@@ -42,6 +42,7 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     def main(cfg: DictConfig) -> None:
         start = time.perf_counter()
         try:
+            set_threads(cfg.get("threads"))
             run(cfg)
         except (DataError, FileNotFoundError) as e:
             log.error("%s", e)
@@ -53,6 +54,19 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
                  time.perf_counter() - start)
 
     return main
+
+
+def set_threads(threads: object) -> None:
+    """Pin torch's intra-op CPU threads to ``threads`` (the root config's ``threads``); ``None``
+    leaves torch's default. Anything but a positive whole number is a :class:`ValueError`."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive whole number or null, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+    log.info("torch uses %d CPU thread(s)", threads)
 
 
 def resolved_yaml(cfg: DictConfig, keys: Sequence[str]) -> str:
