@@ -10,20 +10,26 @@ model, on the ``conv`` feature grid A (the layer Grad-CAM reads):
 * ``delta``: the change of the explained answer's logit y^c when the features of the ground-truth
   cells (cells whose share covered by the question's objects is at least ``cell_share``) are
   scaled by 1 + eps, all other cells unchanged -- a finite difference, no gradient involved;
+* ``delta_logprob``: the change of the answer's log-probability under the same scaling (the logit
+  can fall while the probability rises, when the other answers' logits fall more);
+* ``delta_down``: the logit's change with the features scaled by 1 - eps; a score that falls both ways
+  (``delta`` and ``delta_down`` negative) sits at a peak, one that falls one way and rises the
+  other sits on a slope;
 * ``first_order``: eps * sum over those cells of (dy^c/dA_s . A_s), the same change to first order
   (the directional derivative along the scaling), which says whether the gradient is a faithful
   local picture of ``delta``;
 * ``gradcam_contrast``: the signed Grad-CAM sum (Selvaraju et al. Eq. 2 without the ReLU) averaged
   over the ground-truth cells minus its average over the other cells.
 
-A question whose answer is a count sits at a peak of its answer's score, not on a slope: more of
-the counted objects makes "2" less likely. If ``delta`` is mostly negative there and Grad-CAM's
-contrast has the same sign, the negative rank correlation of Grad-CAM on those questions is what
-the model computes, not an implementation slip.
+If ``delta`` is mostly negative on counting questions (more of the counted objects makes "2"
+less likely) and Grad-CAM's contrast has the same sign, the negative rank correlation of Grad-CAM
+on those questions is what the model computes, not an implementation slip.
 
 The table has one row per model and answer type (and ``all``): ``n`` questions scored,
 ``no_truth`` questions without ground-truth cells (e.g. a count of 0; excluded), the share of
-questions whose score falls (``score_falls``, with a 95% bootstrap interval), the mean ``delta``,
+questions whose score falls (``score_falls``, with a 95% bootstrap interval), the share whose
+score falls both ways (``peak``), the share whose probability falls (``prob_falls``), the mean
+``delta``,
 how often the first-order estimate has the sign of ``delta`` (``first_order_agrees``), how often
 Grad-CAM's contrast is negative (``gradcam_negative``) and how often its sign agrees with
 ``delta`` (``gradcam_agrees``).
@@ -54,15 +60,16 @@ from pipeline.seeding import seed_everything
 log = logging.getLogger(__name__)
 
 STAGE = "evidence_slope"
-COLUMNS = ["model", "answer_type", "n", "no_truth", "score_falls", "ci_low", "ci_high", "mean_delta",
-           "first_order_agrees", "gradcam_negative", "gradcam_agrees"]
+COLUMNS = ["model", "answer_type", "n", "no_truth", "score_falls", "ci_low", "ci_high", "peak", "prob_falls",
+           "mean_delta", "first_order_agrees", "gradcam_negative", "gradcam_agrees"]
 
 
 def evidence_slope(head, grid: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor,
                    eps: float) -> dict[str, np.ndarray]:
     """For one batch: ``grid`` B x C x h x w features at ``conv``, ``masks`` B x h x w bool (the
     ground-truth cells). Returns per question the explained (predicted) answer, ``delta``,
-    ``first_order`` and ``gradcam_contrast`` (NaN where the mask is empty or covers every cell)."""
+    ``delta_logprob``, ``delta_down``, ``first_order`` and ``gradcam_contrast`` (NaN where the
+    mask is empty or covers every cell)."""
     features = grid.detach().requires_grad_(True)
     logits = head(features, tokens)
     target = logits.argmax(1)
@@ -71,7 +78,12 @@ def evidence_slope(head, grid: torch.Tensor, tokens: torch.Tensor, masks: torch.
     weight = masks[:, None].to(features.dtype)
     with torch.no_grad():
         scaled = features * (1 + eps * weight)
-        delta = head(scaled, tokens).gather(1, target[:, None])[:, 0] - score
+        scaled_logits = head(scaled, tokens)
+        delta = scaled_logits.gather(1, target[:, None])[:, 0] - score
+        log_prob_change = scaled_logits.log_softmax(1) - logits.log_softmax(1)
+        delta_logprob = log_prob_change.gather(1, target[:, None])[:, 0]
+        reduced = features * (1 - eps * weight)
+        delta_down = head(reduced, tokens).gather(1, target[:, None])[:, 0] - score
         first_order = eps * (gradient * features * weight).sum(dim=(1, 2, 3))
         cam = gradcam_map(features, gradient, relu=False)
         inside, outside = masks.sum((1, 2)), (~masks).sum((1, 2))
@@ -79,6 +91,7 @@ def evidence_slope(head, grid: torch.Tensor, tokens: torch.Tensor, masks: torch.
                     - (cam * ~masks).sum((1, 2)) / outside.clamp(min=1))
         contrast = torch.where((inside > 0) & (outside > 0), contrast, torch.nan)
     return {"target": target.numpy(), "delta": delta.double().numpy(),
+            "delta_logprob": delta_logprob.double().numpy(), "delta_down": delta_down.double().numpy(),
             "first_order": first_order.double().numpy(), "gradcam_contrast": contrast.double().numpy()}
 
 
@@ -103,28 +116,32 @@ def measure(cfg, model_name: str, e) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def share(flags) -> float:
+    """The share of true values; NaN when there are none to count."""
+    flags = np.asarray(flags, dtype=bool)
+    return float(flags.mean()) if flags.size else float("nan")
+
+
 def summarise_model(model: str, per_question: pd.DataFrame, boot: dict) -> list[dict]:
     rows = []
     groups = [(t, per_question[per_question["answer_type"] == t])
               for t in sorted(per_question["answer_type"].unique())] + [("all", per_question)]
     for answer_type, part in groups:
         scored = part[part["truth_cells"] > 0]
-        falls = (scored["delta"] < 0).to_numpy(dtype=np.float64)
-        low, high = bootstrap_ci(falls, **boot)
-        delta_sign = np.sign(scored["delta"].to_numpy())
+        delta = scored["delta"].to_numpy()
+        low, high = bootstrap_ci((delta < 0).astype(np.float64), **boot)
         contrast = scored["gradcam_contrast"].to_numpy()
         defined = np.isfinite(contrast)
         rows.append({
             "model": model, "answer_type": answer_type, "n": int(len(scored)),
             "no_truth": int((part["truth_cells"] == 0).sum()),
-            "score_falls": float(falls.mean()) if len(falls) else float("nan"),
-            "ci_low": low, "ci_high": high,
-            "mean_delta": float(scored["delta"].mean()) if len(scored) else float("nan"),
-            "first_order_agrees": float((np.sign(scored["first_order"].to_numpy()) == delta_sign).mean())
-            if len(scored) else float("nan"),
-            "gradcam_negative": float((contrast[defined] < 0).mean()) if defined.any() else float("nan"),
-            "gradcam_agrees": float((np.sign(contrast[defined]) == delta_sign[defined]).mean())
-            if defined.any() else float("nan"),
+            "score_falls": share(delta < 0), "ci_low": low, "ci_high": high,
+            "peak": share((delta < 0) & (scored["delta_down"].to_numpy() < 0)),
+            "prob_falls": share(scored["delta_logprob"].to_numpy() < 0),
+            "mean_delta": float(delta.mean()) if len(delta) else float("nan"),
+            "first_order_agrees": share(np.sign(scored["first_order"].to_numpy()) == np.sign(delta)),
+            "gradcam_negative": share(contrast[defined] < 0),
+            "gradcam_agrees": share(np.sign(contrast[defined]) == np.sign(delta[defined])),
         })
     return rows
 
@@ -153,13 +170,15 @@ def run(cfg: DictConfig) -> dict:
     write_text(out_csv.with_suffix(".md"),
                f"Scaling the ground-truth cells' features (share >= {float(e.cell_share):g}) by "
                f"1 + {float(e.eps):g} at `conv`: how often the explained answer's logit falls "
-               "(`score_falls`, 95% bootstrap interval), the mean change, how often the "
+               "(`score_falls`, 95% bootstrap interval), how often it falls when they are scaled "
+               f"by 1 - {float(e.eps):g} as well (`peak`), how often the answer's probability falls "
+               "(`prob_falls`), the mean change of the logit, how often the "
                "first-order (gradient) estimate has the same sign, how often the signed Grad-CAM "
                "sum is lower on the ground truth than elsewhere (`gradcam_negative`) and how "
                "often its sign agrees with the measured change (`gradcam_agrees`).\n\n"
                + markdown_table(table))
-    metrics = json_safe({f"{r['model']}/{r['answer_type']}": {k: r[k] for k in ("n", "score_falls", "gradcam_agrees")}
-                         for r in rows})
+    kept = ("n", "score_falls", "peak", "prob_falls", "gradcam_agrees")
+    metrics = json_safe({f"{r['model']}/{r['answer_type']}": {k: r[k] for k in kept} for r in rows})
     write_json(metrics_path, metrics)
     log_to_wandb(cfg, STAGE, tables={STAGE: table},
                  summary={f"{k}/score_falls": v["score_falls"] for k, v in metrics.items()})

@@ -32,6 +32,8 @@ def test_linear_head_first_order_is_exact_and_matches_a_loop():
     masks[1] = True           # every cell: contrast undefined
     out = evidence_slope.evidence_slope(head, grid, torch.zeros(5, 2, dtype=torch.long), masks, eps=0.1)
     np.testing.assert_allclose(out["delta"], out["first_order"], rtol=1e-10, atol=1e-12)
+    # A linear score is a slope, never a peak: scaling down by eps moves it by exactly -delta.
+    np.testing.assert_allclose(out["delta_down"], -out["delta"], rtol=1e-10, atol=1e-12)
     for i in range(5):
         c = int(out["target"][i])
         before = (grid[i].mean((1, 2)) @ head.weight[c]).item()
@@ -42,6 +44,10 @@ def test_linear_head_first_order_is_exact_and_matches_a_loop():
                     scaled[:, y, x] *= 1.1
         after = (scaled.mean((1, 2)) @ head.weight[c]).item()
         assert out["delta"][i] == pytest.approx(after - before, abs=1e-12)
+        logits_before = grid[i].mean((1, 2)) @ head.weight.T
+        logits_after = scaled.mean((1, 2)) @ head.weight.T
+        expected_logprob = (torch.log_softmax(logits_after, 0)[c] - torch.log_softmax(logits_before, 0)[c]).item()
+        assert out["delta_logprob"][i] == pytest.approx(expected_logprob, abs=1e-12)
         # Grad-CAM's weights are W_c / S at every cell: its signed map is W_c . A_s / S.
         cam = (head.weight[c].detach()[:, None, None] * grid[i]).sum(0) / 9
         if 0 < masks[i].sum() < 9:
@@ -67,9 +73,16 @@ def test_trained_model_batch_equals_one_question_at_a_time(explained_world):
             c = int(logits.argmax())
             scaled = grid[i:i + 1].clone()
             scaled[0][:, masks[i]] *= 1.1
-            delta = model.head(scaled, tokens[i:i + 1])[0, c] - logits[c]
+            scaled_logits = model.head(scaled, tokens[i:i + 1])[0]
+            delta = scaled_logits[c] - logits[c]
+            logprob = torch.log_softmax(scaled_logits, 0)[c] - torch.log_softmax(logits, 0)[c]
+            reduced = grid[i:i + 1].clone()
+            reduced[0][:, masks[i]] *= 0.9
+            delta_down = model.head(reduced, tokens[i:i + 1])[0, c] - logits[c]
         assert c == batched["target"][i]
         assert batched["delta"][i] == pytest.approx(float(delta), abs=1e-5)
+        assert batched["delta_logprob"][i] == pytest.approx(float(logprob), abs=1e-5)
+        assert batched["delta_down"][i] == pytest.approx(float(delta_down), abs=1e-5)
         features = grid[i:i + 1].clone().requires_grad_(True)
         (gradient,) = torch.autograd.grad(model.head(features, tokens[i:i + 1])[0, c], features)
         cam = gradcam_map(features.detach(), gradient, relu=False)[0]
@@ -97,9 +110,11 @@ def test_stage_table_is_deterministic_and_complete(explained_world, tmp_path):
         total = rows[rows.answer_type == "all"].iloc[0]
         assert per_type.n.sum() + per_type.no_truth.sum() == len(records) == total.n + total.no_truth
         assert ((rows.score_falls >= rows.ci_low) & (rows.score_falls <= rows.ci_high)).all()
-        assert rows[["score_falls", "first_order_agrees", "gradcam_negative", "gradcam_agrees"]].stack().between(0, 1).all()
+        shares = ["score_falls", "peak", "prob_falls", "first_order_agrees", "gradcam_negative", "gradcam_agrees"]
+        assert rows[shares].stack().between(0, 1).all()
+        assert (rows.peak <= rows.score_falls).all()  # a peak is a fall one way among others
     md = (tmp_path / "a" / "tables" / "evidence_slope.md").read_text()
-    assert "score_falls" in md and "1 + 0.1" in md
+    assert "score_falls" in md and "1 + 0.1" in md and "1 - 0.1" in md
 
 
 def test_data_without_ground_truth_writes_the_reason(explained_world, tmp_path):
@@ -108,3 +123,28 @@ def test_data_without_ground_truth_writes_the_reason(explained_world, tmp_path):
     assert result["table"].empty and "no ground truth" in result["metrics"]["skipped"]
     assert pd.read_csv(tmp_path / "tables" / "evidence_slope.csv").empty
     assert "no ground truth" in (tmp_path / "tables" / "evidence_slope.md").read_text()
+
+
+def test_summary_counts_peaks_and_probability_falls_by_hand():
+    per_question = pd.DataFrame({
+        "question_id": [1, 2, 3, 4, 5],
+        "answer_type": ["number"] * 4 + ["other"],
+        "truth_cells": [3, 2, 4, 0, 1],          # question 4 has no truth: not scored
+        "delta": [-0.2, -0.1, 0.3, -0.5, 0.1],
+        "delta_logprob": [-0.1, 0.05, 0.2, -0.4, -0.01],
+        "delta_down": [-0.05, 0.1, -0.2, -0.5, -0.1],
+        "first_order": [-0.19, -0.12, 0.25, -0.4, -0.1],
+        "gradcam_contrast": [-1.0, np.nan, 2.0, 1.0, 0.5],
+    })
+    rows = {r["answer_type"]: r for r in evidence_slope.summarise_model(
+        "m", per_question, {"samples": 50, "confidence": 0.95, "seed": 0})}
+    number = rows["number"]
+    assert (number["n"], number["no_truth"]) == (3, 1)
+    assert number["score_falls"] == pytest.approx(2 / 3)
+    assert number["peak"] == pytest.approx(1 / 3)         # question 1 falls both ways
+    assert number["prob_falls"] == pytest.approx(1 / 3)   # question 2: logit falls, probability rises
+    assert number["first_order_agrees"] == pytest.approx(1.0)
+    assert number["gradcam_negative"] == pytest.approx(1 / 2)   # NaN contrast left out
+    assert number["gradcam_agrees"] == pytest.approx(1.0)
+    assert rows["other"]["first_order_agrees"] == 0.0 and rows["other"]["gradcam_agrees"] == 1.0
+    assert rows["all"]["n"] == 4 and rows["all"]["no_truth"] == 1
