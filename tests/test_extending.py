@@ -1,0 +1,126 @@
+"""The README's extension examples, executed as written: the new attribution method is checked
+against Captum and carried through the attribute and rank-correlation stages; the new model is
+trained, saved, reloaded, explained with every method and scored."""
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from captum.attr import LayerGradientXActivation
+
+from pipeline import attribute, rank_correlation, train
+from pipeline.attribution import explain
+from pipeline.attribution.base import METHODS
+from pipeline.config import compose
+from pipeline.evaluation import inputs
+from pipeline.models import load_trained_model, vqa_model
+from tests.conftest import TINY_PIPELINE
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+ALL_METHODS = [str(m) for m in compose().attribution.methods]
+
+
+def readme_blocks(heading: str, language: str) -> list[str]:
+    """The ``language`` code blocks of the README section ``### heading``."""
+    text = README.read_text()
+    start = text.index(f"\n### {heading}\n")
+    ends = [i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i >= 0]
+    section = text[start:min(ends, default=len(text))]
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    assert blocks, f"README section {heading!r} has no {language} block"
+    return blocks
+
+
+@pytest.fixture
+def readme_method():
+    """The README's method module, executed; unregistered afterwards."""
+    assert "gradient_x_activation" not in METHODS
+    namespace: dict = {}
+    exec(compile(readme_blocks("A new attribution method", "python")[0], "README.md", "exec"), namespace)
+    try:
+        yield namespace["gradient_x_activation"]
+    finally:
+        METHODS.pop("gradient_x_activation", None)
+
+
+@pytest.fixture
+def readme_model(tmp_path, monkeypatch):
+    """The README's head class, added to HEADS, and its config file in a config folder that Hydra
+    searches (as if written to conf/model/). Returns the overrides that select it."""
+    namespace: dict = {}
+    exec(compile(readme_blocks("A new model", "python")[0], "README.md", "exec"), namespace)
+    head = namespace["BagOfWordsCNNHead"]
+    monkeypatch.setitem(vqa_model.HEADS, head.name, head)
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / f"{head.name}.yaml").write_text(readme_blocks("A new model", "yaml")[0])
+    return [f"hydra.searchpath=[file://{conf}]", f"model={head.name}"]
+
+
+def stage_config(root, out, *overrides):
+    """The tiny pipeline's config, writing stores and reports under ``out``."""
+    return compose([*TINY_PIPELINE, f"paths.root={root}", f"paths.attributions_dir={out}/attributions",
+                    f"paths.reports_dir={out}/reports", "evaluation.bootstrap.samples=100",
+                    "attribution.options.occlusion.grid=4", *overrides])
+
+
+@pytest.mark.parametrize("model_name", ["lstm_cnn", "mlb"])
+def test_readme_method_matches_captum(trained_world, readme_method, model_name):
+    cfg = compose([*TINY_PIPELINE, f"paths.root={trained_world}"])
+    model = load_trained_model(cfg, model_name).eval()
+    _, images, tokens = inputs.question_batch(cfg, model, "val", 8)
+    ours = explain(model, images, tokens, methods=["gradient_x_activation"])["gradient_x_activation"]
+    with torch.no_grad():
+        predicted = model(images, tokens).argmax(1)
+    layer = model.analysis_points()["conv"]
+    theirs = LayerGradientXActivation(model, layer).attribute(
+        images, target=predicted, additional_forward_args=(tokens,))
+    expected = theirs.sum(dim=1).abs()
+    assert ours.image_map_raw.shape == expected.shape
+    torch.testing.assert_close(ours.image_map_raw, expected, rtol=1e-4, atol=1e-6)
+    assert ours.image_map.shape == images.shape[:1] + images.shape[2:]
+
+
+def test_readme_method_runs_through_the_stages(trained_world, readme_method, tmp_path):
+    overrides = ["model=mlb", "attribution.methods=[random,gradient_x_activation]", "evaluation.models=[mlb]"]
+    metrics = attribute.run(stage_config(trained_world, tmp_path, *overrides))
+    assert metrics["methods"]["gradient_x_activation"]["nonfinite_questions"] == 0
+    result = rank_correlation.run(stage_config(trained_world, tmp_path, *overrides))
+    table = result["table"]
+    for reference in ("human", "ground_truth"):
+        row = table[(table.model == "mlb") & (table.method == "gradient_x_activation")
+                    & (table.reference == reference)]
+        assert len(row) == 1 and row.n.iloc[0] > 0
+        assert row.beats_random.iloc[0] in (True, False)
+    assert "gradient_x_activation" in (tmp_path / "reports/tables/rank_correlation.md").read_text()
+
+
+def test_readme_model_trains_and_every_method_explains_it(trained_world, readme_model, tmp_path):
+    cfg = stage_config(trained_world, tmp_path, *readme_model, "evaluation.models=[bow_cnn]")
+    assert cfg.model.arch.embedding == 64  # the README's config file was read
+    trained = train.run(cfg)
+    assert trained["model"] == "bow_cnn" and 0.0 <= trained["val/acc"] <= 1.0
+
+    # Saved and reloaded through the checkpoint format; Grad-CAM equals a hand computation.
+    model = load_trained_model(cfg, "bow_cnn").eval()
+    _, images, tokens = inputs.question_batch(cfg, model, "val", 6)
+    gradcam = explain(model, images, tokens, methods=["gradcam"])["gradcam"].image_map_raw
+    with torch.no_grad():
+        grid = model.backbone(images)
+    grid.requires_grad_(True)
+    logits = model.head(grid, tokens)
+    score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+    (gradient,) = torch.autograd.grad(score, grid)
+    by_hand = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * grid).sum(1)).detach()
+    torch.testing.assert_close(gradcam, by_hand, rtol=1e-4, atol=1e-6)
+
+    # Every configured method maps it, except what needs a point it lacks (attention: alpha).
+    metrics = attribute.run(cfg)
+    skipped = {m: v["skipped"] for m, v in metrics["methods"].items() if v.get("skipped")}
+    assert list(skipped) == ["attention"] and "alpha" in skipped["attention"]
+    assert set(metrics["methods"]) == set(ALL_METHODS)
+
+    table = pd.DataFrame(rank_correlation.run(cfg)["table"])
+    scored = set(table[(table.model == "bow_cnn") & (table.reference == "ground_truth")].method)
+    assert scored == set(ALL_METHODS) - {"attention"}
