@@ -106,10 +106,12 @@ SECTIONS: tuple[Section, ...] = (
             "the majority-class baseline, balanced accuracy and ROC-AUC.",
             (TableSpec("failure_prediction", "failure_prediction"),),
             (FigureSpec("failure_prediction.png", "failure_prediction"),), "failure_prediction"),
-    Section("gradcam", "Grad-CAM (Selvaraju et al.): CAM, guided backprop, Grad-CAM, Guided Grad-CAM",
+    Section("gradcam", "Grad-CAM (Selvaraju et al.): CAM, guided backprop, Grad-CAM, Guided Grad-CAM, "
+            "counterfactual Grad-CAM",
             "The Grad-CAM family's rows of the rank-correlation table above (CAM explains the "
-            "backbone's pretraining label, not the answer). Their maps for individual answers are "
-            "in the [gallery](index.html)."),
+            "backbone's pretraining label, not the answer; counterfactual Grad-CAM, the paper's "
+            "negated-gradient variant, maps the evidence *against* the answer). Their maps for "
+            "individual answers are in the [gallery](index.html)."),
     Section("hadamard", "Kim et al.: explanations from the Hadamard product (MLB)",
             "Figures 2-5 of the paper: image, attention glimpse 1 and 2, and the Hadamard map "
             "(Eq. 9-10), with the question tokens coloured by their z-scores (Eq. 11); the table "
@@ -138,7 +140,10 @@ SECTIONS: tuple[Section, ...] = (
             (TableSpec("sanity", "sanity_check"),), (FigureSpec("sanity.png", "sanity_check"),)),
 )
 
-GRADCAM_METHODS = ("cam", "guided_backprop", "gradcam", "guided_gradcam")
+GRADCAM_METHODS = ("cam", "guided_backprop", "gradcam", "guided_gradcam", "gradcam_counterfactual")
+# Shown next to the methods that do not beat random: Grad-CAM's map of the evidence against the
+# answer, which tells whether Grad-CAM fails because the truth holds that evidence.
+COUNTERFACTUAL = "gradcam_counterfactual"
 
 
 @dataclass
@@ -363,8 +368,9 @@ def not_beating_random(frames: dict[str, pd.DataFrame], synthetic: bool, assembl
 def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
                             failing: dict[str, list[str]]) -> str:
     """Where the methods that do not beat random fail: their mean rho per answer type, next to
-    random's, read from ``rank_correlation_by_answer_type``. A negative mean on one type is a
-    map that points *away* from where to look on those questions, not noise."""
+    random's (and counterfactual Grad-CAM's when a Grad-CAM variant fails), read from
+    ``rank_correlation_by_answer_type``. A negative mean on one type is a map that points *away*
+    from where to look on those questions, not noise."""
     if by_type is None or not any(failing.values()):
         return ""
     needed = {"model", "method", "reference", "answer_type", "mean", "ci_low", "ci_high", "beats_random"}
@@ -375,7 +381,10 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
     part = by_type[by_type["reference"].astype(str) == reference]
     rows = []
     for model, methods in failing.items():
-        for method in ["random", *methods]:
+        shown = ["random", *methods]
+        if any(m.startswith("gradcam") for m in methods) and COUNTERFACTUAL not in methods:
+            shown.append(COUNTERFACTUAL)
+        for method in shown:
             cells = part[(part["model"].astype(str) == model) & (part["method"].astype(str) == method)]
             if cells.empty:
                 continue
@@ -395,9 +404,12 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
             "table below (stage `evidence_slope`) measures whether that is so at the ground truth: "
             "it scales the ground-truth cells' features up (and down) and records how often the "
             "answer's logit and its probability fall, how often the logit falls both ways (a "
-            "peak), and how often Grad-CAM's sign agrees with the measured change. Maps of "
-            "gradient magnitude (guided backprop) or of perturbation effects (occlusion) do not "
-            "depend on the sign.\n\n"
+            "peak), and how often Grad-CAM's sign agrees with the measured change. "
+            f"`{COUNTERFACTUAL}` (the Grad-CAM paper's counterfactual explanation: the same map "
+            "from the negated gradient) is listed next to them for comparison: where Grad-CAM "
+            "ranks the truth lowest and the counterfactual ranks it high, the truth holds the "
+            "evidence against the answer. Maps of gradient magnitude (guided backprop) or of "
+            "perturbation effects (occlusion) do not depend on the sign.\n\n"
             + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
 
 

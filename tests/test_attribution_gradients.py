@@ -40,6 +40,24 @@ def test_gradient_family_matches_captum(name):
 
 
 @pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_counterfactual_gradcam_matches_captum_on_the_negated_score(name):
+    model, images, tokens, target = setup(name)
+    maps = explain(model, images, tokens, methods=["gradcam", "gradcam_counterfactual"])
+    wrapper = ImageOnly(model, tokens)
+    conv = model.analysis_points()["conv"]
+    # Captum's Grad-CAM of -y^c: the weights are the means of the negated gradient.
+    negated = LayerGradCam(lambda x: -wrapper(x), conv).attribute(images, target=target, relu_attributions=True)
+    counterfactual = maps["gradcam_counterfactual"]
+    torch.testing.assert_close(counterfactual.image_map_raw, negated[:, 0], rtol=1e-4, atol=1e-6)
+    assert counterfactual.image_map.shape == (len(QUESTIONS), 32, 32)
+    # ReLU(x) - ReLU(-x) = x: Grad-CAM minus its counterfactual is the signed sum (Captum, no ReLU).
+    signed = LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=False)[:, 0]
+    torch.testing.assert_close(maps["gradcam"].image_map_raw - counterfactual.image_map_raw, signed,
+                               rtol=1e-4, atol=1e-6)
+    assert ((maps["gradcam"].image_map_raw > 0) & (counterfactual.image_map_raw > 0)).sum() == 0
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
 def test_guided_backprop_question_map_matches_a_plain_loop(name):
     model, images, tokens, target = setup(name)
     maps = explain(model, images, tokens, methods=["guided_backprop"])
