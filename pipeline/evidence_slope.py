@@ -12,27 +12,27 @@ model, on the ``conv`` feature grid A (the layer Grad-CAM reads):
   scaled by 1 + eps, all other cells unchanged -- a finite difference, no gradient involved;
 * ``delta_logprob``: the change of the answer's log-probability under the same scaling (the logit
   can fall while the probability rises, when the other answers' logits fall more);
-* ``delta_down``: the logit's change with the features scaled by 1 - eps; a score that falls both ways
-  (``delta`` and ``delta_down`` negative) sits at a peak, one that falls one way and rises the
-  other sits on a slope;
+* ``delta_down``: the logit's change with the features scaled by 1 - eps; a score that falls
+  both ways (``delta`` and ``delta_down`` negative) sits at a peak, one that falls one way and
+  rises the other sits on a slope;
 * ``first_order``: eps * sum over those cells of (dy^c/dA_s . A_s), the same change to first order
   (the directional derivative along the scaling), which says whether the gradient is a faithful
   local picture of ``delta``;
 * ``gradcam_contrast``: the signed Grad-CAM sum (Selvaraju et al. Eq. 2 without the ReLU) averaged
   over the ground-truth cells minus its average over the other cells.
 
-If ``delta`` is mostly negative on counting questions (more of the counted objects makes "2"
-less likely) and Grad-CAM's contrast has the same sign, the negative rank correlation of Grad-CAM
-on those questions is what the model computes, not an implementation slip.
+If ``delta`` is mostly negative on counting questions (stronger features at the counted objects
+lower the count's logit; scaling features is not adding objects) and Grad-CAM's contrast has the
+same sign, the negative rank correlation of Grad-CAM on those questions is what the model
+computes, not an implementation slip.
 
 The table has one row per model and answer type (and ``all``): ``n`` questions scored,
 ``no_truth`` questions without ground-truth cells (e.g. a count of 0; excluded), the share of
 questions whose score falls (``score_falls``, with a 95% bootstrap interval), the share whose
 score falls both ways (``peak``), the share whose probability falls (``prob_falls``), the mean
-``delta``,
-how often the first-order estimate has the sign of ``delta`` (``first_order_agrees``), how often
-Grad-CAM's contrast is negative (``gradcam_negative``) and how often its sign agrees with
-``delta`` (``gradcam_agrees``).
+``delta``, how often the first-order estimate has the sign of ``delta`` (``first_order_agrees``),
+how often Grad-CAM's contrast is negative (``gradcam_negative``) and how often its sign agrees
+with ``delta`` (``gradcam_agrees``).
 
 Writes ``reports/tables/evidence_slope.{csv,md}`` and ``reports/metrics/evidence_slope.json``.
 On data without ground truth both are written empty, with the reason.

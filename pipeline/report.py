@@ -140,10 +140,10 @@ SECTIONS: tuple[Section, ...] = (
             (TableSpec("sanity", "sanity_check"),), (FigureSpec("sanity.png", "sanity_check"),)),
 )
 
-GRADCAM_METHODS = ("cam", "guided_backprop", "gradcam", "guided_gradcam", "gradcam_counterfactual")
 # Shown next to the methods that do not beat random: Grad-CAM's map of the evidence against the
 # answer, which tells whether Grad-CAM fails because the truth holds that evidence.
 COUNTERFACTUAL = "gradcam_counterfactual"
+GRADCAM_METHODS = ("cam", "guided_backprop", "gradcam", "guided_gradcam", COUNTERFACTUAL)
 
 
 @dataclass
