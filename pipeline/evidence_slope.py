@@ -19,7 +19,15 @@ model, on the ``conv`` feature grid A (the layer Grad-CAM reads):
   (the directional derivative along the scaling), which says whether the gradient is a faithful
   local picture of ``delta``;
 * ``gradcam_contrast``: the signed Grad-CAM sum (Selvaraju et al. Eq. 2 without the ReLU) averaged
-  over the ground-truth cells minus its average over the other cells.
+  over the ground-truth cells minus its average over the other cells;
+* ``relu_kept``: the share sum ReLU(L) / sum |L| of the signed map L's mass that Eq. 2's ReLU keeps,
+  over all cells, and ``signed_sum``: sum L / sum |L|. On a head that mean-pools the grid and then
+  L2-normalises it (LSTM-CNN's "norm I") y^c is invariant to scaling the grid, so by Euler's
+  theorem for functions homogeneous of degree 0, sum_s A_s . dy^c/dA_s = 0. With mean pooling
+  every cell s gets the same gradient, which is therefore Eq. 1's alpha, so that sum is exactly
+  the sum of the signed Grad-CAM map over the cells. The map then sums to zero on every
+  question: it is a contrast between cells, and the ReLU keeps exactly half of its mass
+  (``relu_kept`` = 0.5).
 
 If ``delta`` is mostly negative on counting questions (stronger features at the counted objects
 lower the count's logit; scaling features is not adding objects) and Grad-CAM's contrast has the
@@ -31,8 +39,9 @@ The table has one row per model and answer type (and ``all``): ``n`` questions s
 questions whose score falls (``score_falls``, with a 95% bootstrap interval), the share whose
 score falls both ways (``peak``), the share whose probability falls (``prob_falls``), the mean
 ``delta``, how often the first-order estimate has the sign of ``delta`` (``first_order_agrees``),
-how often Grad-CAM's contrast is negative (``gradcam_negative``) and how often its sign agrees
-with ``delta`` (``gradcam_agrees``).
+how often Grad-CAM's contrast is negative (``gradcam_negative``), how often its sign agrees
+with ``delta`` (``gradcam_agrees``), the mean ``relu_kept`` and the share of questions whose signed
+Grad-CAM map sums to zero (``zero_sum``: |``signed_sum``| at most ``zero_sum_tolerance``).
 
 Writes ``reports/tables/evidence_slope.{csv,md}`` and ``reports/metrics/evidence_slope.json``.
 On data without ground truth both are written empty, with the reason.
@@ -61,15 +70,16 @@ log = logging.getLogger(__name__)
 
 STAGE = "evidence_slope"
 COLUMNS = ["model", "answer_type", "n", "no_truth", "score_falls", "ci_low", "ci_high", "peak", "prob_falls",
-           "mean_delta", "first_order_agrees", "gradcam_negative", "gradcam_agrees"]
+           "mean_delta", "first_order_agrees", "gradcam_negative", "gradcam_agrees", "relu_kept", "zero_sum"]
 
 
 def evidence_slope(head, grid: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor,
                    eps: float) -> dict[str, np.ndarray]:
     """For one batch: ``grid`` B x C x h x w features at ``conv``, ``masks`` B x h x w bool (the
     ground-truth cells). Returns per question the explained (predicted) answer, ``delta``,
-    ``delta_logprob``, ``delta_down``, ``first_order`` and ``gradcam_contrast`` (NaN where the
-    mask is empty or covers every cell)."""
+    ``delta_logprob``, ``delta_down``, ``first_order``, ``gradcam_contrast`` (NaN where the
+    mask is empty or covers every cell), ``relu_kept`` and ``signed_sum`` (NaN where the signed
+    Grad-CAM map is zero everywhere)."""
     features = grid.detach().requires_grad_(True)
     logits = head(features, tokens)
     target = logits.argmax(1)
@@ -90,9 +100,14 @@ def evidence_slope(head, grid: torch.Tensor, tokens: torch.Tensor, masks: torch.
         contrast = ((cam * masks).sum((1, 2)) / inside.clamp(min=1)
                     - (cam * ~masks).sum((1, 2)) / outside.clamp(min=1))
         contrast = torch.where((inside > 0) & (outside > 0), contrast, torch.nan)
+        mass = cam.abs().sum((1, 2))
+        defined = mass > 0
+        relu_kept = torch.where(defined, torch.relu(cam).sum((1, 2)) / mass.clamp(min=1e-30), torch.nan)
+        signed_sum = torch.where(defined, cam.sum((1, 2)) / mass.clamp(min=1e-30), torch.nan)
     return {"target": target.numpy(), "delta": delta.double().numpy(),
             "delta_logprob": delta_logprob.double().numpy(), "delta_down": delta_down.double().numpy(),
-            "first_order": first_order.double().numpy(), "gradcam_contrast": contrast.double().numpy()}
+            "first_order": first_order.double().numpy(), "gradcam_contrast": contrast.double().numpy(),
+            "relu_kept": relu_kept.double().numpy(), "signed_sum": signed_sum.double().numpy()}
 
 
 def measure(cfg, model_name: str, e) -> pd.DataFrame:
@@ -122,7 +137,8 @@ def share(flags) -> float:
     return float(flags.mean()) if flags.size else float("nan")
 
 
-def summarise_model(model: str, per_question: pd.DataFrame, boot: dict) -> list[dict]:
+def summarise_model(model: str, per_question: pd.DataFrame, boot: dict,
+                    zero_sum_tolerance: float) -> list[dict]:
     rows = []
     groups = [(t, per_question[per_question["answer_type"] == t])
               for t in sorted(per_question["answer_type"].unique())] + [("all", per_question)]
@@ -132,6 +148,7 @@ def summarise_model(model: str, per_question: pd.DataFrame, boot: dict) -> list[
         low, high = bootstrap_ci((delta < 0).astype(np.float64), **boot)
         contrast = scored["gradcam_contrast"].to_numpy()
         defined = np.isfinite(contrast)
+        kept, signed = scored["relu_kept"].to_numpy(), scored["signed_sum"].to_numpy()
         rows.append({
             "model": model, "answer_type": answer_type, "n": int(len(scored)),
             "no_truth": int((part["truth_cells"] == 0).sum()),
@@ -142,6 +159,8 @@ def summarise_model(model: str, per_question: pd.DataFrame, boot: dict) -> list[
             "first_order_agrees": share(np.sign(scored["first_order"].to_numpy()) == np.sign(delta)),
             "gradcam_negative": share(contrast[defined] < 0),
             "gradcam_agrees": share(np.sign(contrast[defined]) == np.sign(delta[defined])),
+            "relu_kept": float(np.nanmean(kept)) if np.isfinite(kept).any() else float("nan"),
+            "zero_sum": share(np.abs(signed[np.isfinite(signed)]) <= zero_sum_tolerance),
         })
     return rows
 
@@ -164,7 +183,7 @@ def run(cfg: DictConfig) -> dict:
         return {"table": table, "metrics": {"skipped": reason}}
     rows = []
     for model in [str(m) for m in ev.models]:
-        rows += summarise_model(model, measure(cfg, model, e), boot)
+        rows += summarise_model(model, measure(cfg, model, e), boot, float(e.zero_sum_tolerance))
     table = pd.DataFrame(rows, columns=COLUMNS)
     write_table(table, out_csv, markdown=False)
     write_text(out_csv.with_suffix(".md"),
@@ -175,9 +194,13 @@ def run(cfg: DictConfig) -> dict:
                "(`prob_falls`), the mean change of the logit, how often the "
                "first-order (gradient) estimate has the same sign, how often the signed Grad-CAM "
                "sum is lower on the ground truth than elsewhere (`gradcam_negative`) and how "
-               "often its sign agrees with the measured change (`gradcam_agrees`).\n\n"
+               "often its sign agrees with the measured change (`gradcam_agrees`), the mean share "
+               "of the signed Grad-CAM map's mass that its ReLU keeps (`relu_kept`) and how often "
+               f"the signed map sums to zero (`zero_sum`: |sum| <= {float(e.zero_sum_tolerance):g} "
+               "x sum of |values|; on a model that L2-normalises the pooled image feature it always "
+               "does, by Euler's theorem).\n\n"
                + markdown_table(table))
-    kept = ("n", "score_falls", "peak", "prob_falls", "gradcam_agrees")
+    kept = ("n", "score_falls", "peak", "prob_falls", "gradcam_agrees", "relu_kept", "zero_sum")
     metrics = json_safe({f"{r['model']}/{r['answer_type']}": {k: r[k] for k in kept} for r in rows})
     write_json(metrics_path, metrics)
     log_to_wandb(cfg, STAGE, tables={STAGE: table},

@@ -55,6 +55,31 @@ def test_linear_head_first_order_is_exact_and_matches_a_loop():
             assert out["gradcam_contrast"][i] == pytest.approx(expected.item(), abs=1e-12)
         else:
             assert np.isnan(out["gradcam_contrast"][i])
+        assert out["relu_kept"][i] == pytest.approx((cam.clamp(min=0).sum() / cam.abs().sum()).item(), abs=1e-12)
+        assert out["signed_sum"][i] == pytest.approx((cam.sum() / cam.abs().sum()).item(), abs=1e-12)
+
+
+class NormalisedHead(LinearHead):
+    """logits = W normalize(mean_s(A_s)), LSTM-CNN's "norm I": invariant to scaling the grid."""
+
+    def forward(self, grid, tokens):
+        return torch.nn.functional.normalize(grid.mean(dim=(2, 3)), dim=1) @ self.weight.T
+
+
+def test_scale_invariant_head_has_a_zero_sum_gradcam_map():
+    # Euler's theorem for a function homogeneous of degree 0: sum_s A_s . dy/dA_s = 0, and with
+    # mean pooling that sum is the signed Grad-CAM sum. The linear head (degree 1) is the control.
+    torch.manual_seed(1)
+    grid = torch.rand(6, 5, 4, 4, dtype=torch.float64)
+    masks = torch.rand(6, 4, 4) > 0.5
+    tokens = torch.zeros(6, 2, dtype=torch.long)
+    normalised = evidence_slope.evidence_slope(NormalisedHead(5, 3), grid, tokens, masks, eps=0.1)
+    np.testing.assert_allclose(normalised["signed_sum"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(normalised["relu_kept"], 0.5, atol=1e-12)
+    linear = evidence_slope.evidence_slope(LinearHead(5, 3), grid, tokens, masks, eps=0.1)
+    # W_c . mean(A) > 0 for the argmax class of a random W here, so the control's sum is not zero
+    assert (np.abs(linear["signed_sum"]) > 1e-3).all()
+    assert not np.allclose(linear["relu_kept"], 0.5)
 
 
 def test_trained_model_batch_equals_one_question_at_a_time(explained_world):
@@ -91,6 +116,24 @@ def test_trained_model_batch_equals_one_question_at_a_time(explained_world):
             assert batched["gradcam_contrast"][i] == pytest.approx(float(expected), rel=1e-4, abs=1e-7)
 
 
+def test_trained_lstm_cnn_gradcam_sums_to_zero_and_mlb_does_not(explained_world):
+    cfg = evaluation_config(explained_world)
+    sums = {}
+    for name in ("lstm_cnn", "mlb"):
+        model = load_trained_model(cfg, name).eval()
+        records, images, tokens = inputs.question_batch(cfg, model, "val", 16)
+        with torch.no_grad():
+            grid = model.backbone(images)
+        masks = torch.zeros(len(records), *grid.shape[-2:], dtype=torch.bool)
+        sums[name] = evidence_slope.evidence_slope(model.head, grid, tokens, masks, eps=0.1)
+    lstm = sums["lstm_cnn"]
+    assert np.isfinite(lstm["signed_sum"]).all()
+    np.testing.assert_allclose(lstm["signed_sum"], 0.0, atol=1e-4)
+    np.testing.assert_allclose(lstm["relu_kept"], 0.5, atol=1e-4)
+    mlb = sums["mlb"]["signed_sum"]
+    assert (np.abs(mlb[np.isfinite(mlb)]) > 1e-4).any()
+
+
 def test_stage_table_is_deterministic_and_complete(explained_world, tmp_path):
     tables = []
     for run in ("a", "b"):
@@ -110,9 +153,12 @@ def test_stage_table_is_deterministic_and_complete(explained_world, tmp_path):
         total = rows[rows.answer_type == "all"].iloc[0]
         assert per_type.n.sum() + per_type.no_truth.sum() == len(records) == total.n + total.no_truth
         assert ((rows.score_falls >= rows.ci_low) & (rows.score_falls <= rows.ci_high)).all()
-        shares = ["score_falls", "peak", "prob_falls", "first_order_agrees", "gradcam_negative", "gradcam_agrees"]
+        shares = ["score_falls", "peak", "prob_falls", "first_order_agrees", "gradcam_negative", "gradcam_agrees",
+                  "relu_kept", "zero_sum"]
         assert rows[shares].stack().between(0, 1).all()
         assert (rows.peak <= rows.score_falls).all()  # a peak is a fall one way among others
+    lstm = table[table.model == "lstm_cnn"]
+    assert (lstm.zero_sum == 1.0).all() and np.allclose(lstm.relu_kept, 0.5, atol=1e-4)
     md = (tmp_path / "a" / "tables" / "evidence_slope.md").read_text()
     assert "score_falls" in md and "1 + 0.1" in md and "1 - 0.1" in md
 
@@ -135,9 +181,11 @@ def test_summary_counts_peaks_and_probability_falls_by_hand():
         "delta_down": [-0.05, 0.1, -0.2, -0.5, -0.1],
         "first_order": [-0.19, -0.12, 0.25, -0.4, -0.1],
         "gradcam_contrast": [-1.0, np.nan, 2.0, 1.0, 0.5],
+        "relu_kept": [0.5, 0.7, np.nan, 0.2, 1.0],     # question 3's map is zero everywhere
+        "signed_sum": [1e-6, 0.4, np.nan, -0.6, 1.0],
     })
     rows = {r["answer_type"]: r for r in evidence_slope.summarise_model(
-        "m", per_question, {"samples": 50, "confidence": 0.95, "seed": 0})}
+        "m", per_question, {"samples": 50, "confidence": 0.95, "seed": 0}, zero_sum_tolerance=1e-4)}
     number = rows["number"]
     assert (number["n"], number["no_truth"]) == (3, 1)
     assert number["score_falls"] == pytest.approx(2 / 3)
@@ -147,4 +195,8 @@ def test_summary_counts_peaks_and_probability_falls_by_hand():
     assert number["gradcam_negative"] == pytest.approx(1 / 2)   # NaN contrast left out
     assert number["gradcam_agrees"] == pytest.approx(1.0)
     assert rows["other"]["first_order_agrees"] == 0.0 and rows["other"]["gradcam_agrees"] == 1.0
+    assert number["relu_kept"] == pytest.approx(0.6)     # NaN left out, question 4 not scored
+    assert number["zero_sum"] == pytest.approx(1 / 2)    # question 1 of questions 1 and 2
+    assert rows["other"]["zero_sum"] == 0.0
     assert rows["all"]["n"] == 4 and rows["all"]["no_truth"] == 1
+    assert rows["all"]["relu_kept"] == pytest.approx((0.5 + 0.7 + 1.0) / 3)
