@@ -43,6 +43,7 @@ from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import figures_dir, log_to_wandb, markdown_table, tables_dir
 from pipeline.evaluation.published import PUBLISHED, PublishedValue, for_section
 from pipeline.io import atomic_directory, read_json, write_json, write_text
+from pipeline.models.checkpoint import train_metrics_path
 from pipeline.viz.gallery import gallery_html, render_entry_images, sample_questions
 from pipeline.viz.overlay import display_image
 
@@ -253,7 +254,7 @@ def published_table(cfg, entries: list[PublishedValue], frames: dict[str, pd.Dat
 # --- the header -------------------------------------------------------------------------------
 
 def model_accuracy(cfg, model: str) -> dict:
-    path = abspath(cfg.paths.metrics_dir) / f"train_{model}.json"
+    path = train_metrics_path(cfg, model)
     if not path.is_file():
         raise missing(path, f"train model={model}", "training metrics file")
     metrics = read_json(path)
@@ -305,7 +306,7 @@ def header(cfg, models: list[str], frames: dict[str, pd.DataFrame], synthetic: b
               + f"; bootstrap intervals from {int(cfg.evaluation.bootstrap.samples)} resamples at "
               f"{float(cfg.evaluation.bootstrap.confidence):.0%} confidence.",
               "- **Gallery**: [index.html](index.html) (open in a browser; no server needed).", "",
-              "VQA accuracy on the validation split (from `reports/metrics/train_<model>.json`):", "",
+              "VQA accuracy on the validation split (from `reports/metrics/train/<model>.json`):", "",
               markdown_table(pd.DataFrame(rows))]
     return "\n".join(lines) + "\n"
 

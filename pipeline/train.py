@@ -3,12 +3,13 @@
     python -m pipeline.train model=mlb [trainer=gpu|ddp] [logger=csv] [model.optim.lr=...]
     python -m pipeline.train -m model=mlb,lstm_cnn seed=0,1,2 paths=sweep   # a sweep
 
-Writes under ``${paths.models_dir}/<model>/``:
-    model.pt                  the trained model, backbone included (``pipeline.models.load_model``)
-    checkpoints/best.ckpt     Lightning checkpoint of the best epoch (val/acc)
-and ``${paths.metrics_dir}/train_<model>.json``: official VQA accuracy on val (overall and per
-answer type) of the best epoch, epochs run, wall-clock seconds. Logs go to CSV and wandb
-(offline by default). An interrupted run resumes from ``checkpoints/last.ckpt``.
+Writes
+    ${paths.models_dir}/<model>/model.pt       the trained model, backbone included (``load_model``)
+    ${paths.checkpoints_dir}/<model>/best.ckpt  Lightning checkpoint of the best epoch (val/acc)
+    ${paths.metrics_dir}/train/<model>.json     official VQA accuracy on val (overall and per answer
+                                                type) of the best epoch, epochs run, seconds.
+Logs go to CSV and wandb (offline by default). An interrupted run resumes from
+``${paths.checkpoints_dir}/<model>/last.ckpt``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pipeline.data import processed
 from pipeline.data.datamodule import VQADataModule
 from pipeline.io import write_json
 from pipeline.models.backbones import build_backbone
-from pipeline.models.checkpoint import model_metadata, save_model
+from pipeline.models.checkpoint import model_metadata, save_model, train_metrics_path
 from pipeline.models.lightning import ANSWER_TYPE_KEYS, VQALightningModule
 from pipeline.models.vqa_model import VQAModel
 from pipeline.seeding import seed_everything
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 def model_dir(cfg: DictConfig) -> Path:
     return abspath(cfg.paths.models_dir) / str(cfg.model.name)
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    return abspath(cfg.paths.checkpoints_dir) / str(cfg.model.name)
 
 
 def _loggers(cfg: DictConfig, name: str) -> list:
@@ -82,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
                                int(cfg.trainer.num_workers), int(cfg.seed))
 
     out = model_dir(cfg)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = checkpoint_dir(cfg)
     last = ckpt_dir / "last.ckpt"
     resume = bool(cfg.train.resume) and _resumable(last, dict(module.hparams))
     if not resume and ckpt_dir.exists():
@@ -125,7 +130,7 @@ def run(cfg: DictConfig) -> dict:
                          int(cfg.data.max_question_length))
         save_model(out / "model.pt", model, metadata)
         last.unlink(missing_ok=True)  # the run finished: nothing to resume
-        write_json(abspath(cfg.paths.metrics_dir) / f"train_{cfg.model.name}.json", metrics)
+        write_json(train_metrics_path(cfg, str(cfg.model.name)), metrics)
         log.info("%s: val/acc %.4f (yes/no %s, number %s, other %s) in %.0f s", cfg.model.name,
                  metrics["val/acc"], metrics["val/acc_yes_no"], metrics["val/acc_number"],
                  metrics["val/acc_other"], metrics["seconds"])

@@ -107,7 +107,7 @@ def test_readme_has_every_table_figure_and_published_citation(reported, explaine
     # Loud synthetic note, models with the accuracy from their training metrics, tagger, seeds.
     assert "NOT on VQA / COCO / VQA-HAT" in readme
     for model in ("lstm_cnn", "mlb"):
-        acc = pd.read_json(explained_world / "reports" / "metrics" / f"train_{model}.json", typ="series")["val/acc"]
+        acc = pd.read_json(explained_world / "reports" / "metrics" / "train" / f"{model}.json", typ="series")["val/acc"]
         assert re.search(rf"\| {model} \| {acc:.3f} \|", readme), model
     assert TAGGER in readme and f"evaluation seed {cfg.evaluation.seed}" in readme
     # Every table embedded as the stage wrote it (the long one folded, still complete).

@@ -38,13 +38,15 @@ def world(tmp_path_factory):
 def test_train_writes_model_metrics_and_checkpoint(world, name):
     cfg = tiny_cfg(world, f"model={name}")
     metrics = train.run(cfg)
-    saved = json.loads((world / f"reports/metrics/train_{name}.json").read_text())
+    saved = json.loads((world / f"reports/metrics/train/{name}.json").read_text())
     assert saved["model"] == name and 0.0 <= saved["val/acc"] <= 1.0
     assert saved["val/acc"] == pytest.approx(metrics["val/acc"])
     assert {"val/acc_yes_no", "val/acc_number", "val/acc_other", "epochs", "seconds"} <= set(saved)
     out = world / "models" / name
-    assert (out / "checkpoints" / "best.ckpt").is_file()
-    assert not (out / "checkpoints" / "last.ckpt").exists()  # finished: nothing to resume
+    checkpoints = world / "checkpoints" / name
+    assert (checkpoints / "best.ckpt").is_file()
+    assert not (checkpoints / "last.ckpt").exists()  # finished: nothing to resume
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # what the evaluation depends on
 
     # the exported model, end to end from pixels, answers as the head did on cached features
     question_vocab, answer_vocab = processed.load_vocabs(world / "data/processed/synthetic_tiny")
@@ -62,7 +64,7 @@ def test_train_writes_model_metrics_and_checkpoint(world, name):
         from_cache = model.head(cached, tokens)
     torch.testing.assert_close(end_to_end, from_cache, atol=2e-2, rtol=2e-2)  # float16 store
     # the Lightning checkpoint loads into the same model
-    from_ckpt = load_model(out / "checkpoints" / "best.ckpt")
+    from_ckpt = load_model(checkpoints / "best.ckpt")
     torch.testing.assert_close(from_ckpt(images, tokens), end_to_end)
 
 
@@ -83,7 +85,7 @@ def test_interrupted_training_resumes_from_last_checkpoint(world, monkeypatch):
     monkeypatch.setattr(lightning_module.VQALightningModule, "on_train_epoch_end", crash_in_second_epoch)
     with pytest.raises(RuntimeError, match="killed"):
         train.run(cfg)
-    last = world / "models/lstm_cnn/checkpoints/last.ckpt"
+    last = world / "checkpoints/lstm_cnn/last.ckpt"
     assert last.is_file()
     monkeypatch.setattr(lightning_module.VQALightningModule, "on_train_epoch_end", lambda self: None)
     metrics = train.run(cfg)
@@ -101,7 +103,7 @@ def test_changed_settings_do_not_resume(world, monkeypatch, caplog):
     monkeypatch.setattr(lightning_module.VQALightningModule, "on_train_epoch_end", crash_in_second_epoch)
     with pytest.raises(RuntimeError):
         train.run(cfg)
-    assert (world / "models/lstm_cnn/checkpoints/last.ckpt").is_file()
+    assert (world / "checkpoints/lstm_cnn/last.ckpt").is_file()
     monkeypatch.setattr(lightning_module.VQALightningModule, "on_train_epoch_end", lambda self: None)
     with caplog.at_level(logging.WARNING):
         train.run(tiny_cfg(world, "model=lstm_cnn", "model.optim.patience=0", "model.optim.lr=0.001"))
@@ -146,11 +148,12 @@ def test_ddp_over_two_cpu_processes(world):
          "-m", "pipeline.train", "trainer=ddp", *TINY, "model=mlb", "model.optim.max_epochs=3",
          "model.optim.patience=0", "trainer.num_workers=0", f"paths.root={world}",
          f"paths.models_dir={out}/models", f"paths.metrics_dir={out}/metrics",
+         f"paths.checkpoints_dir={out}/checkpoints",
          f"backbone.weights={world}/models/backbone/scene_resnet.pt",
          f"paths.log_dir={out}/logs"],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics" / "train_mlb.json").read_text())
+    metrics = json.loads((out / "metrics" / "train" / "mlb.json").read_text())
     assert metrics["val_questions"] == 60 and 0.0 <= metrics["val/acc"] <= 1.0
     rows = list(csv.DictReader(open(next((out / "logs" / "csv").rglob("metrics.csv")))))
     val_loss = [float(r["val/loss"]) for r in rows if r.get("val/loss")]

@@ -3,7 +3,7 @@
 Two kinds of file load into the same :class:`VQAModel`:
 - the exported model ``models/<model>/model.pt`` (what ``train`` writes at the end): backbone and
   head weights, architecture, vocabularies; self-contained;
-- a Lightning checkpoint (``models/<model>/checkpoints/{best,last}.ckpt``): head weights and the
+- a Lightning checkpoint (``checkpoints/<model>/{best,last}.ckpt``): head weights and the
   same metadata in ``hyper_parameters``; the backbone is rebuilt from its config.
 
 Both hold only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads them
@@ -139,6 +139,14 @@ def load_trained_model(cfg, name: str) -> VQAModel:
     if cfg.backbone.get("channels_last"):
         model.backbone.to(memory_format=torch.channels_last)
     return model
+
+
+def train_metrics_path(cfg, name: str) -> Path:
+    """The train stage's metrics of model ``name``: one file per model in one folder, which the
+    report stage depends on as a whole (so a new model needs no edit of dvc.yaml)."""
+    from pipeline.config import abspath
+
+    return abspath(cfg.paths.metrics_dir) / "train" / f"{name}.json"
 
 
 def check_vocabularies(model: VQAModel, question_vocab: QuestionVocab | None,
