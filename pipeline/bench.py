@@ -317,14 +317,14 @@ def format_table(result: dict) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    from pipeline.models import load_model
+    from pipeline.models.checkpoint import load_model, trained_model_path
 
     b = {**DEFAULTS, **OmegaConf.to_container(cfg.get("bench", {}) or {}, resolve=True)}
     threads = int(b["threads"] or len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
     torch.manual_seed(int(cfg.get("seed", 0)))
     name = str(cfg.model.name)
-    model = load_model(abspath(cfg.paths.models_dir) / name / "model.pt").eval()
+    model = load_model(trained_model_path(cfg, name)).eval()
     channels_last = bool(cfg.backbone.get("channels_last"))
     if channels_last:  # for ours and Captum alike
         model.backbone.to(memory_format=torch.channels_last)

@@ -58,6 +58,7 @@ from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, sa
 from pipeline.evaluation.stats import summarise
 from pipeline.io import write_json
 from pipeline.models import load_trained_model
+from pipeline.models.checkpoint import trained_model_path
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
                         "attribution.limit", inputs.attribution_dir(cfg, model_name))
     processed_dir = abspath(cfg.paths.processed_dir)
     model = load_trained_model(cfg, model_name)
-    model_path = abspath(cfg.paths.models_dir) / model_name / "model.pt"  # named in the errors below
+    model_path = trained_model_path(cfg, model_name)  # named in the errors below
     records = {r["question_id"]: r for r in processed.load_question_table(processed_dir, str(cfg.evaluation.split))}
     transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
     data_root = abspath(cfg.data.root)

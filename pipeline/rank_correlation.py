@@ -25,9 +25,10 @@ interval of the same model and reference.
 
 The same scores are also summarised per answer type (VQA's yes/no, number, other), because a
 method can localise for one kind of question and not another: a gradient-weighted map such as
-Grad-CAM explains *the local slope* of the answer's score, and for a count the slope with
-respect to more of the counted objects is not positive (more circles would make "2" less likely,
-not more). ``rank_correlation_by_answer_type`` makes that visible instead of averaging it away.
+Grad-CAM explains *the local slope* of the answer's score, and on counting questions the
+answer's logit mostly falls when the counted objects' features grow (stage ``evidence_slope``
+measures this; growing features is not adding objects). ``rank_correlation_by_answer_type`` makes
+that visible instead of averaging it away.
 
 Writes ``reports/tables/rank_correlation.{csv,md}``,
 ``reports/tables/rank_correlation_by_answer_type.{csv,md}``,

@@ -29,16 +29,12 @@ from pipeline.data import processed
 from pipeline.data.datamodule import VQADataModule
 from pipeline.io import write_json
 from pipeline.models.backbones import build_backbone
-from pipeline.models.checkpoint import model_metadata, save_model, train_metrics_path
+from pipeline.models.checkpoint import model_metadata, save_model, trained_model_path, train_metrics_path
 from pipeline.models.lightning import ANSWER_TYPE_KEYS, VQALightningModule
 from pipeline.models.vqa_model import VQAModel
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def model_dir(cfg: DictConfig) -> Path:
-    return abspath(cfg.paths.models_dir) / str(cfg.model.name)
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -86,7 +82,6 @@ def run(cfg: DictConfig) -> dict:
                                answer_vocab, int(cfg.data.max_question_length), int(optim["batch_size"]),
                                int(cfg.trainer.num_workers), int(cfg.seed))
 
-    out = model_dir(cfg)
     ckpt_dir = checkpoint_dir(cfg)
     last = ckpt_dir / "last.ckpt"
     resume = bool(cfg.train.resume) and _resumable(last, dict(module.hparams))
@@ -103,7 +98,7 @@ def run(cfg: DictConfig) -> dict:
         precision=t.precision, deterministic=bool(t.deterministic), max_epochs=int(optim["max_epochs"]),
         gradient_clip_val=optim.get("gradient_clip"), log_every_n_steps=int(t.log_every_n_steps),
         callbacks=callbacks, logger=_loggers(cfg, f"train_{cfg.model.name}"),
-        default_root_dir=str(out), enable_model_summary=False, num_sanity_val_steps=0)
+        default_root_dir=str(ckpt_dir), enable_model_summary=False, num_sanity_val_steps=0)
     if resume:
         log.info("resuming the interrupted run from %s", last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
@@ -128,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         model = VQAModel(backbone, module.head.cpu(), question_vocab, answer_vocab,
                          int(cfg.data.max_question_length))
-        save_model(out / "model.pt", model, metadata)
+        save_model(trained_model_path(cfg, str(cfg.model.name)), model, metadata)
         last.unlink(missing_ok=True)  # the run finished: nothing to resume
         write_json(train_metrics_path(cfg, str(cfg.model.name)), metrics)
         log.info("%s: val/acc %.4f (yes/no %s, number %s, other %s) in %.0f s", cfg.model.name,

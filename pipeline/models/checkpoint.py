@@ -134,11 +134,18 @@ def load_trained_model(cfg, name: str) -> VQAModel:
     from pipeline.data import processed
 
     question_vocab, answer_vocab = processed.load_vocabs(abspath(cfg.paths.processed_dir))
-    model = load_model(abspath(cfg.paths.models_dir) / name / "model.pt",
+    model = load_model(trained_model_path(cfg, name),
                        question_vocab=question_vocab, answer_vocab=answer_vocab).eval()
     if cfg.backbone.get("channels_last"):
         model.backbone.to(memory_format=torch.channels_last)
     return model
+
+
+def trained_model_path(cfg, name: str) -> Path:
+    """Where the train stage exports model ``name``: ``${paths.models_dir}/<name>/model.pt``."""
+    from pipeline.config import abspath
+
+    return abspath(cfg.paths.models_dir) / name / "model.pt"
 
 
 def train_metrics_path(cfg, name: str) -> Path:
