@@ -46,6 +46,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.attribution.store import read_arrays
 from pipeline.config import abspath, stage_main
 from pipeline.data.errors import DataError
@@ -58,7 +59,6 @@ from pipeline.io import write_json, write_text
 log = logging.getLogger(__name__)
 
 STAGE = "rank_correlation"
-RANDOM = "random"
 HUMAN = "human"
 GROUND_TRUTH = "ground_truth"
 COLUMNS = ["model", "method", "reference", "n", "mean", "ci_low", "ci_high", "constant", "ties",

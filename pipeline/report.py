@@ -35,6 +35,8 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from pipeline.attribution.methods.gradcam_counterfactual import NAME as COUNTERFACTUAL
+from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.attribution.store import read_arrays
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
@@ -141,10 +143,12 @@ SECTIONS: tuple[Section, ...] = (
             (TableSpec("sanity", "sanity_check"),), (FigureSpec("sanity.png", "sanity_check"),)),
 )
 
-# Shown next to the methods that do not beat random: Grad-CAM's map of the evidence against the
-# answer, which tells whether Grad-CAM fails because the truth holds that evidence.
-COUNTERFACTUAL = "gradcam_counterfactual"
 GRADCAM_METHODS = ("cam", "guided_backprop", "gradcam", "guided_gradcam", COUNTERFACTUAL)
+# Maps that are the ReLU of Grad-CAM's signed sum (Eq. 2), plain, guided or gated: when one of
+# them does not beat random, the counterfactual map (the other half of the same signed sum) is
+# shown next to it, which tells whether it fails because the truth holds the evidence against
+# the answer.
+RELU_OF_SIGNED_MAP = ("gradcam", "guided_gradcam", "gated_gradcam")
 
 
 @dataclass
@@ -323,14 +327,16 @@ def gradcam_rows(frames: dict[str, pd.DataFrame]) -> str:
     return markdown_table(rows[keep])
 
 
-def not_beating_random(frames: dict[str, pd.DataFrame], synthetic: bool, assembled: Assembled) -> str:
+def not_beating_random(frames: dict[str, pd.DataFrame], synthetic: bool, assembled: Assembled,
+                       tables: Path) -> str:
     """From the rank-correlation table's ``beats_random`` column (a method beats random when its
-    interval lies entirely above random's), against the ground truth where there is one."""
+    interval lies entirely above random's), against the ground truth where there is one.
+    ``tables`` is the folder the tables were read from (named in errors)."""
     frame = frames["rank_correlation"]
     for column in ("model", "method", "reference", "beats_random"):
         if column not in frame.columns:
             raise DataError(f"the rank-correlation table has no `{column}` column: rerun `python -m "
-                            "pipeline.rank_correlation`", "reports/tables/rank_correlation.csv")
+                            "pipeline.rank_correlation`", tables / "rank_correlation.csv")
     references = set(frame["reference"].astype(str))
     reference = "ground_truth" if "ground_truth" in references else "human"
     lines = []
@@ -342,7 +348,7 @@ def not_beating_random(frames: dict[str, pd.DataFrame], synthetic: bool, assembl
         lines.append("Reference: the exact ground-truth masks (a method is judged by where the "
                      "answer truly is, not by the simulated annotators).\n")
     rows = frame[(frame["reference"].astype(str) == reference)
-                 & ~frame["method"].astype(str).isin(["random", "human"])
+                 & ~frame["method"].astype(str).isin([RANDOM, "human"])
                  & (frame["model"].astype(str) != "human")]
     table = []
     for model, group in rows.groupby(rows["model"].astype(str), sort=False):
@@ -362,12 +368,13 @@ def not_beating_random(frames: dict[str, pd.DataFrame], synthetic: bool, assembl
                  "map's interval (column `beats_random` of the rank-correlation table); "
                  "\"undetermined\" means an interval could not be computed (too few questions).\n")
     lines.append(failures_by_answer_type(frames.get("rank_correlation_by_answer_type"), reference,
-                                         assembled.not_beating_random))
+                                         assembled.not_beating_random,
+                                         tables / "rank_correlation_by_answer_type.csv"))
     return "\n".join(lines)
 
 
 def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
-                            failing: dict[str, list[str]]) -> str:
+                            failing: dict[str, list[str]], source: Path) -> str:
     """Where the methods that do not beat random fail: their mean rho per answer type, next to
     random's (and counterfactual Grad-CAM's when a Grad-CAM variant fails), read from
     ``rank_correlation_by_answer_type``. A negative mean on one type is a map that points *away*
@@ -378,12 +385,12 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
     if not needed <= set(by_type.columns):
         raise DataError("the per-answer-type table lacks columns "
                         f"{sorted(needed - set(by_type.columns))}: rerun `python -m pipeline.rank_correlation`",
-                        "reports/tables/rank_correlation_by_answer_type.csv")
+                        source)
     part = by_type[by_type["reference"].astype(str) == reference]
     rows = []
     for model, methods in failing.items():
-        shown = ["random", *methods]
-        if any(m.startswith("gradcam") for m in methods) and COUNTERFACTUAL not in methods:
+        shown = [RANDOM, *methods]
+        if any(m in RELU_OF_SIGNED_MAP for m in methods) and COUNTERFACTUAL not in methods:
             shown.append(COUNTERFACTUAL)
         for method in shown:
             cells = part[(part["model"].astype(str) == model) & (part["method"].astype(str) == method)]
@@ -426,7 +433,7 @@ def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markd
     if section.text:
         out += [section.text, ""]
     if section.key == "not_beating_random":  # the verdict first, then the table that explains it
-        out += [not_beating_random(frames, synthetic, assembled), ""]
+        out += [not_beating_random(frames, synthetic, assembled, tables_dir(cfg)), ""]
     for spec in section.tables:
         if spec.name not in markdowns:
             out += [f"*{spec.caption or spec.name}: absent because `{cfg.data.name}` has no ground "

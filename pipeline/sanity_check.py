@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.attribution import explain
+from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.config import abspath, stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs, randomisation
@@ -55,7 +56,7 @@ from pipeline.seeding import seed_everything
 log = logging.getLogger(__name__)
 
 STAGE = "sanity_check"
-REFERENCE = "random"
+REFERENCE = RANDOM  # the map every other method must move further than
 COLUMNS = ["model", "method", "modality", "step", "layers_randomised", "n", "mean", "ci_low",
            "ci_high", "undefined", "flagged"]
 

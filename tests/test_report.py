@@ -156,12 +156,30 @@ def test_methods_not_beating_random_use_the_ground_truth_rows(reported):
     assert "| mlb | gradcam_counterfactual |" not in section
 
 
-def test_no_failure_breakdown_when_every_method_beats_random():
+def test_no_failure_breakdown_when_every_method_beats_random(tmp_path):
     by_type = fake_tables()["rank_correlation_by_answer_type"]
-    assert report.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": [], "mlb": []}) == ""
-    assert report.failures_by_answer_type(None, "ground_truth", {"mlb": ["attention"]}) == ""
-    with pytest.raises(DataError, match="pipeline.rank_correlation"):
-        report.failures_by_answer_type(by_type.drop(columns=["answer_type"]), "ground_truth", {"mlb": ["attention"]})
+    source = tmp_path / "my_tables" / "rank_correlation_by_answer_type.csv"
+    assert report.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": [], "mlb": []}, source) == ""
+    assert report.failures_by_answer_type(None, "ground_truth", {"mlb": ["attention"]}, source) == ""
+    with pytest.raises(DataError, match="pipeline.rank_correlation") as error:
+        report.failures_by_answer_type(by_type.drop(columns=["answer_type"]), "ground_truth",
+                                       {"mlb": ["attention"]}, source)
+    assert "my_tables" in str(error.value)  # names the table it read, wherever the tables live
+
+
+def test_counterfactual_listed_for_every_relu_of_the_signed_map(tmp_path):
+    """Gated and guided Grad-CAM are ReLU(signed Grad-CAM sum) too: when only one of them fails,
+    the counterfactual half of the same sum is still shown next to it; a failing method that is
+    not such a map (attention) does not bring it."""
+    by_type = fake_tables()["rank_correlation_by_answer_type"]
+    source = tmp_path / "rank_correlation_by_answer_type.csv"
+    gated = by_type[by_type["method"] == "gradcam"].assign(method="gated_gradcam")
+    by_type = pd.concat([by_type, gated], ignore_index=True)
+    text = report.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": ["gated_gradcam"]}, source)
+    assert "| lstm_cnn | gated_gradcam | -0.250" in text
+    assert "| lstm_cnn | gradcam_counterfactual | 0.260" in text
+    text = report.failures_by_answer_type(by_type, "ground_truth", {"mlb": ["attention"]}, source)
+    assert "| mlb | attention |" in text and "gradcam_counterfactual |" not in text
 
 
 def test_gallery_shows_the_sampled_questions_with_existing_overlays(reported, explained_world):

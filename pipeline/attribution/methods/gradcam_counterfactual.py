@@ -7,9 +7,11 @@ from __future__ import annotations
 from pipeline.attribution.base import Explanation, register
 from pipeline.attribution.methods.gradcam import gradcam_map
 
+NAME = "gradcam_counterfactual"
 
-@register("gradcam_counterfactual")
+
+@register(NAME)
 def gradcam_counterfactual(ctx) -> Explanation:
     activations, gradients = ctx.plain_conv_gradient()  # the pass Grad-CAM reads: no extra cost
     cam = gradcam_map(activations, -gradients).detach()
-    return Explanation("gradcam_counterfactual", image_map=ctx.upsample(cam), image_map_raw=cam)
+    return Explanation(NAME, image_map=ctx.upsample(cam), image_map_raw=cam)

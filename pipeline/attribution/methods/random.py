@@ -13,6 +13,8 @@ import torch
 
 from pipeline.attribution.base import Explanation, NotApplicable, register
 
+NAME = "random"  # the baseline every evaluation compares against
+
 
 def _row_seed(seed: int, tokens: torch.Tensor, image: torch.Tensor) -> int:
     digest = zlib.crc32(tokens.detach().cpu().numpy().tobytes())
@@ -20,13 +22,13 @@ def _row_seed(seed: int, tokens: torch.Tensor, image: torch.Tensor) -> int:
     return (int(seed) * 1_000_003 + digest) % (2**63)
 
 
-@register("random")
+@register(NAME)
 def random_map(ctx) -> Explanation:
     probe, _ = ctx.gradient_pass()  # only for the grid's shape; the forward is shared
     if "conv" not in probe or probe["conv"].dim() != 4:
         raise NotApplicable("the random baseline needs a conv grid (B x K x h x w at 'conv')")
     B, _, h, w = probe["conv"].shape
-    seed = int(ctx.option("random", "seed", 0))
+    seed = int(ctx.option(NAME, "seed", 0))
     grids, questions = [], []
     for row in range(B):
         generator = torch.Generator().manual_seed(_row_seed(seed, ctx.tokens[row], ctx.images[row]))
@@ -35,5 +37,5 @@ def random_map(ctx) -> Explanation:
     device = probe["conv"].device
     grid = torch.stack(grids).to(device)
     question = torch.stack(questions).to(device) * ctx.token_mask
-    return Explanation("random", image_map=ctx.upsample(grid), image_map_raw=grid,
+    return Explanation(NAME, image_map=ctx.upsample(grid), image_map_raw=grid,
                        question_map=question)
