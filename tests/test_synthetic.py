@@ -345,3 +345,33 @@ def test_val_world_does_not_depend_on_train_size(world, tmp_path_factory, cfg):
     for name in ("ground_truth/val2014.json", "v2_OpenEnded_mscoco_val2014_questions.json",
                  "v2_mscoco_val2014_annotations.json"):
         assert (root / name).read_bytes() == (fewer / name).read_bytes(), name
+
+
+def test_answer_types_choose_the_question_mix(world, tmp_path_factory, cfg):
+    root, _ = world
+    # The order they are listed in does not matter: all three in another order, same world.
+    shuffled = _generate(tmp_path_factory, "types_shuffled", answer_types=["other", "number", "yes/no"])
+    for name in ("ground_truth/val2014.json", "v2_mscoco_train2014_annotations.json", "README.md"):
+        assert (root / name).read_bytes() == (shuffled / name).read_bytes(), name
+    # Without counting: no number question, the other two balanced, the pairs still asked, and
+    # the world's README says which types it asks.
+    no_counts = _generate(tmp_path_factory, "no_counts", answer_types=["yes/no", "other"])
+    for split in SPLITS:
+        annotations = _load(no_counts / f"v2_mscoco_{split}_annotations.json")["annotations"]
+        types = Counter(a["answer_type"] for a in annotations)
+        assert set(types) == {"yes/no", "other"}, types
+        assert 0.35 <= types["yes/no"] / sum(types.values()) <= 0.65, types
+        assert load_ground_truth(no_counts, split)["pairs"] == load_ground_truth(root, split)["pairs"]
+    assert "Asked answer types: yes/no, other only" in (no_counts / "README.md").read_text()
+    assert "Asked answer types" not in (root / "README.md").read_text()
+
+
+@pytest.mark.parametrize("answer_types, message", [
+    ([], "non-empty list"),
+    (["yes/no", "counting"], "unknown: \\['counting'\\]"),
+    (["number", "number"], "at most once"),
+    (["yes/no", "number"], "pair_fraction=0"),
+])
+def test_bad_answer_types_are_rejected_with_the_fix(tmp_path, answer_types, message):
+    with pytest.raises(ValueError, match=message):
+        generate_world(_tiny_config(answer_types=answer_types), tmp_path, progress=False)

@@ -515,11 +515,13 @@ def _pick(rng: np.random.Generator, items: list) -> Any:
 
 
 def _select_questions(
-    rng: np.random.Generator, scene: Scene, count: int, pair: bool
+    rng: np.random.Generator, scene: Scene, count: int, pair: bool,
+    answer_types: tuple[str, ...] = ANSWER_TYPES,
 ) -> tuple[list[_Question], tuple[int, int] | None]:
-    """Choose ``count`` distinct questions, balancing answer types within the image (the least
-    used type next, ties at random), yes/no answers within it, and count values among the
-    counting questions. Returns the questions and the positions of the deliberate pair."""
+    """Choose ``count`` distinct questions of the given ``answer_types``, balancing them within
+    the image (the least used type next, ties at random), yes/no answers within it, and count
+    values among the counting questions. Returns the questions and the positions of the
+    deliberate pair."""
     pool = _candidates(scene)
     chosen: list[_Question] = []
     pair_positions = None
@@ -532,7 +534,7 @@ def _select_questions(
     used = Counter(q.answer_type for q in chosen)
     used_answers = Counter(q.answer for q in chosen if q.answer_type == "yes/no")
     while len(chosen) < count:
-        available = [t for t in ANSWER_TYPES if any(pool[k] for k in _KINDS_OF_TYPE[t])]
+        available = [t for t in answer_types if any(pool[k] for k in _KINDS_OF_TYPE[t])]
         if not available:
             break
         fewest = min(used[t] for t in available)
@@ -653,11 +655,29 @@ def _settings(cfg: Any) -> dict:
         raise ValueError(f"questions_per_image must be in 1..{QUESTION_ID_STRIDE - 1}")
     if s["pair_fraction"] > 0 and s["questions_per_image"] < 2:
         raise ValueError("a deliberate pair needs questions_per_image >= 2")
+    s["answer_types"] = _answer_types(s["answer_types"], s["pair_fraction"])
     for split, n in s["num_images"].items():
         _hat_role(split)
         if not 0 <= n < IMAGE_ID_STRIDE:
             raise ValueError(f"num_images.{split} must be in 0..{IMAGE_ID_STRIDE - 1}, got {n}")
     return s
+
+
+def _answer_types(asked: Any, pair_fraction: float) -> tuple[str, ...]:
+    """The answer types the world asks, validated, in the canonical order of ``ANSWER_TYPES``:
+    the world depends on which types are asked, not on the order they are listed in."""
+    if isinstance(asked, str) or not asked:
+        raise ValueError(f"data.synthetic.answer_types must be a non-empty list, a subset of "
+                         f"{list(ANSWER_TYPES)}; got {asked!r}")
+    unknown = sorted(set(map(str, asked)) - set(ANSWER_TYPES))
+    if unknown or len(set(asked)) != len(asked):
+        raise ValueError(f"data.synthetic.answer_types must list each of {list(ANSWER_TYPES)} at most "
+                         f"once; got {list(asked)}" + (f" (unknown: {unknown})" if unknown else ""))
+    if pair_fraction > 0 and "other" not in asked:
+        raise ValueError("the deliberate pairs are \"what color is the {shape}?\" questions (answer "
+                         "type other): keep `other` in data.synthetic.answer_types or set "
+                         "data.synthetic.pair_fraction=0")
+    return tuple(t for t in ANSWER_TYPES if t in asked)
 
 
 def _hat_role(split: str) -> str:
@@ -692,7 +712,8 @@ def _generate_split(s: dict, split: str) -> _SplitWorld:
         if pair:
             num_objects = max(num_objects, 2)
         scene = _random_scene(rng, offset + index + 1, s["image_size"], num_objects, pair)
-        questions, pair_positions = _select_questions(rng, scene, s["questions_per_image"], pair)
+        questions, pair_positions = _select_questions(rng, scene, s["questions_per_image"], pair,
+                                                      s["answer_types"])
         world.scenes.append(scene)
         world.questions.append(questions)
         world.pairs.append(pair_positions)
@@ -899,6 +920,11 @@ def _readme(s: dict, summary: dict) -> str:
         "| split | images | questions | yes/no | number | other | pairs | HAT maps |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if s["answer_types"] != ANSWER_TYPES:  # said only when the world leaves some out
+        at = lines.index("## Question templates") + 1
+        lines[at:at] = [
+            "", f"Asked answer types: {', '.join(s['answer_types'])} only (`data.synthetic.answer_types`); "
+            "the templates of the others are not used."]
     for split, c in summary.items():
         types = c["answer_types"]
         lines.append(
