@@ -33,7 +33,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from pipeline.data.vqa_format import annotation_file, coco_image_path, question_file
+from pipeline.data.vqa_format import ANSWER_TYPES, annotation_file, coco_image_path, question_file
 from pipeline.io import read_json, write_json, write_text
 
 __all__ = [
@@ -90,7 +90,6 @@ TEMPLATES = {
     "color_of_size_shape": ("other", "what color is the"),
     "color_of_relative": ("other", "what color is the"),
 }
-ANSWER_TYPES = ("yes/no", "number", "other")
 # Question kinds per answer type; existence questions are split by answer so that yes and no
 # can be balanced.
 _KINDS_OF_TYPE = {
@@ -515,8 +514,7 @@ def _pick(rng: np.random.Generator, items: list) -> Any:
 
 
 def _select_questions(
-    rng: np.random.Generator, scene: Scene, count: int, pair: bool,
-    answer_types: tuple[str, ...] = ANSWER_TYPES,
+    rng: np.random.Generator, scene: Scene, count: int, pair: bool, answer_types: tuple[str, ...],
 ) -> tuple[list[_Question], tuple[int, int] | None]:
     """Choose ``count`` distinct questions of the given ``answer_types``, balancing them within
     the image (the least used type next, ties at random), yes/no answers within it, and count
