@@ -1,5 +1,5 @@
 # Two commands to set up and go (see README):
-#   make repro   create .venv, install, regenerate every output with `dvc repro`
+#   make repro   create .venv, install, regenerate every output with `dvc repro`, check it is up to date
 #   make test    create .venv if missing, install, run the test suite (CI runs this)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -29,8 +29,12 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -m "slow or not slow"
 
+# Then the check that the run reproduced itself: a second look finds nothing to re-run
+# (fails if a stage's outputs or the lock changed under it).
 repro: install
 	$(BIN)/dvc repro
+	@$(BIN)/dvc status --quiet || { $(BIN)/dvc status; echo "dvc repro left stages out of date" >&2; exit 1; }
+	@echo "dvc status: pipeline up to date, a second dvc repro has nothing to do"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,34 +5,25 @@ random on some questions (``rank_correlation_by_answer_type``), beyond the paper
     python -m pipeline.evidence_slope [evaluation.evidence_slope.eps=0.05]
 
 For every validation question (synthetic data: the exact ground truth is needed) and every
-model, on the ``conv`` feature grid A (the layer Grad-CAM reads):
+model, on the ``conv`` feature grid A (the layer Grad-CAM reads); the ground-truth cells are
+those covered by the question's objects for at least a share ``cell_share``:
 
-* ``delta``: the change of the explained answer's logit y^c when the features of the ground-truth
-  cells (cells whose share covered by the question's objects is at least ``cell_share``) are
-  scaled by 1 + eps, all other cells unchanged -- a finite difference, no gradient involved;
-* ``delta_logprob``: the change of the answer's log-probability under the same scaling (the logit
-  can fall while the probability rises, when the other answers' logits fall more);
-* ``delta_down``: the logit's change with the features scaled by 1 - eps; a score that falls
-  both ways (``delta`` and ``delta_down`` negative) sits at a peak, one that falls one way and
-  rises the other sits on a slope;
-* ``first_order``: eps * sum over those cells of (dy^c/dA_s . A_s), the same change to first order
-  (the directional derivative along the scaling), which says whether the gradient is a faithful
-  local picture of ``delta``;
-* ``gradcam_contrast``: the signed Grad-CAM sum (Selvaraju et al. Eq. 2 without the ReLU) averaged
-  over the ground-truth cells minus its average over the other cells;
-* ``relu_kept``: the share sum ReLU(L) / sum |L| of the signed map L's mass that Eq. 2's ReLU keeps,
-  over all cells, and ``signed_sum``: sum L / sum |L|. On a head that mean-pools the grid and then
-  L2-normalises it (LSTM-CNN's "norm I") y^c is invariant to scaling the grid, so by Euler's
-  theorem for functions homogeneous of degree 0, sum_s A_s . dy^c/dA_s = 0. With mean pooling
-  every cell s gets the same gradient, which is therefore Eq. 1's alpha, so that sum is exactly
-  the sum of the signed Grad-CAM map over the cells. The map then sums to zero on every
-  question: it is a contrast between cells, and the ReLU keeps exactly half of its mass
-  (``relu_kept`` = 0.5).
+* ``delta``: the change of the explained answer's logit y^c when the ground-truth cells'
+  features are scaled by 1 + eps, all other cells unchanged (a finite difference);
+* ``delta_logprob``: the same change of the answer's log-probability;
+* ``delta_down``: the logit's change with those features scaled by 1 - eps (falling both ways:
+  a peak; falling one way and rising the other: a slope);
+* ``first_order``: eps * sum over those cells of (dy^c/dA_s . A_s), the same change to first order;
+* ``gradcam_contrast``: the signed Grad-CAM sum (Selvaraju et al. Eq. 2 without the ReLU)
+  averaged over the ground-truth cells minus its average over the other cells;
+* ``relu_kept``: sum ReLU(L) / sum |L| of the signed map L (the share Eq. 2's ReLU keeps), and
+  ``signed_sum``: sum L / sum |L|.
 
-If ``delta`` is mostly negative on counting questions (stronger features at the counted objects
-lower the count's logit; scaling features is not adding objects) and Grad-CAM's contrast has the
-same sign, the negative rank correlation of Grad-CAM on those questions is what the model
-computes, not an implementation slip.
+On LSTM-CNN, whose L2-normalised pooled feature makes y^c invariant to scaling the grid,
+Euler's theorem makes the signed map sum to zero on every question (``relu_kept`` = 0.5); the
+argument, and what a mostly negative ``delta`` on counting questions says about Grad-CAM's
+negative rank correlation there, are in docs/evaluation.md ("Evidence slope and Grad-CAM on
+LSTM-CNN").
 
 The table has one row per model and answer type (and ``all``): ``n`` questions scored,
 ``no_truth`` questions without ground-truth cells (e.g. a count of 0; excluded), the share of

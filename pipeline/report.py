@@ -4,14 +4,13 @@ report, ``reports/README.md``, and a static gallery of explanations, ``reports/i
     python -m pipeline.report [evaluation.report.gallery.questions=24]
 
 README.md: what the numbers were computed on (data, models and their validation accuracy, the
-POS tagger, the seeds), then one section per paper in the order of DESIGN.md section 1 --
+POS tagger, the seeds), then one section per paper, in the order of docs/evaluation.md --
 Goyal et al. (Table 1 rank correlation, section 4.1; Fig. 3 POS histogram and failure
 prediction, section 4.2), Grad-CAM (its rows of the rank-correlation table), Kim et al. (Fig.
 2-5, Eq. 9-11), Ummettuguli (Tables 1-6 and the top-n sweep) -- each with its table (the
 stage's .md), figure(s) and, where the paper published one, the paper's number next to ours,
-each labelled with the data it was computed on (:mod:`pipeline.evaluation.published`: numbers
-checked against the paper; a number the design quotes, labelled "not checked against the
-paper"; otherwise "published value not verified"). Then which
+each labelled with the data and model it was computed on (:mod:`pipeline.evaluation.published`:
+numbers read in the paper, shown as printed; otherwise "published value not verified"). Then which
 methods do not beat the random baseline, and the sanity checks (Adebayo et al. 2018).
 
 index.html: per model a deterministic sample of ``gallery.questions`` validation questions
@@ -52,7 +51,6 @@ from pipeline.viz.overlay import display_image
 log = logging.getLogger(__name__)
 
 NOT_VERIFIED = "published value not verified"
-QUOTED = "not checked against the paper; as quoted in"
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class Section:
     published: str | None = None   # section key in evaluation.published
 
 
-# The sections, in the order of DESIGN.md section 1 (the four papers), then the checks.
+# The sections, in the order of docs/evaluation.md (the four papers), then the checks.
 SECTIONS: tuple[Section, ...] = (
     Section("rank_correlation", "Goyal et al., Table 1: rank correlation with human attention",
             "Spearman rank correlation (section 4.1) of |map| with the human attention maps at "
@@ -132,7 +130,7 @@ SECTIONS: tuple[Section, ...] = (
                        caption="Spearman between neuron scores of question pairs (Tables 5-6)"),
              TableSpec("gating_sweep", "gating_study", needs_ground_truth=True,
                        caption="Top-n sweep on same-answer question pairs")),
-            (FigureSpec("gating_sweep.png", "gating_study", needs_ground_truth=True),)),
+            (FigureSpec("gating_sweep.png", "gating_study", needs_ground_truth=True),), "gating"),
     Section("not_beating_random", "Which methods do not beat random", "",
             (TableSpec("evidence_slope", "evidence_slope", needs_ground_truth=True,
                        caption="Does the answer's score rise with the evidence at the ground truth?"),)),
@@ -233,25 +231,21 @@ def short_citation(p: PublishedValue) -> str:
 
 def published_table(cfg, entries: list[PublishedValue], frames: dict[str, pd.DataFrame]) -> str:
     data = str(cfg.data.name)
-    lines = [f"| quantity | ours (computed on `{data}`) | published (computed on) | citation |",
-             "|---|---|---|---|"]
+    lines = [f"| quantity | ours (computed on `{data}`) | published | computed on (paper) | citation |",
+             "|---|---|---|---|---|"]
     for p in entries:
         value, why = locate(p, frames)
         ours = f"{value:.3f} ({p.ours.label})" if value is not None else f"not located: {why}"
-        if p.verified:
-            paper = f"{p.value:.3f} ({p.data}; checked at {p.source})"
-        elif p.quoted:
-            paper = f"{p.value:.3f} ({p.data}; {QUOTED} {p.quoted_in})"
-        else:
-            paper = f"{NOT_VERIFIED} ({p.data})"
-        lines.append(f"| {p.quantity} | {ours} | {paper} | {p.paper}; {p.where} |")
-    note = ("Ours and the paper's numbers come from different data and models: the comparison "
-            "says whether the pattern holds, not whether the values match.")
+        paper = p.shown if p.verified else NOT_VERIFIED
+        computed_on = "; ".join(x for x in (p.data, p.model) if x)
+        source = f" (read at {p.source})" if p.verified and p.source != p.where else ""
+        lines.append(f"| {p.quantity} | {ours} | {paper} | {computed_on} | {p.paper}; {p.where}{source} |")
+    note = ("Ours and the paper's numbers come from different data and models (ours: the "
+            f"`{data}` data and this project's models): side by side they say whether a pattern "
+            "holds, not whether the values match.")
     if not any(p.verified for p in entries):
-        note += (" No published number of this section could be checked against a copy of the "
-                 "paper" + (", so none is shown" if not any(p.quoted for p in entries) else
-                            "; the one shown is as this project's design quotes it") +
-                 " (see `pipeline/evaluation/published.py`).")
+        note += (" No published number of this section could be read in the paper, so none is "
+                 "shown (see `pipeline/evaluation/published.py`).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -406,24 +400,13 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
         return ""
     return ("Where they fail, per answer type (mean rho [95% CI] against the same reference; from "
             "`tables/rank_correlation_by_answer_type.csv`). A mean below zero is a map that ranks "
-            "the cells to look at *lowest* on those questions. Grad-CAM's map is the ReLU of the "
-            "first-order (signed) contribution of each cell's features to the answer's logit, so "
-            "it is low wherever more of that cell's evidence would *lower* the answer's score. The "
-            "table below (stage `evidence_slope`) measures whether that is so at the ground truth: "
-            "it scales the ground-truth cells' features up (and down) and records how often the "
-            "answer's logit and its probability fall, how often the logit falls both ways (a "
-            "peak), and how often Grad-CAM's sign agrees with the measured change. Its last two "
-            "columns measure what the ReLU discards: the share of the signed map's mass it keeps "
-            "(`relu_kept`) and how often the signed map sums to zero (`zero_sum`). A model that "
-            "L2-normalises its pooled image feature (LSTM-CNN's \"norm I\") gives the same answer "
-            "for any scaling of the feature grid, so by Euler's theorem its signed Grad-CAM map "
-            "sums to zero on every question: there Grad-CAM can only contrast cells with each "
-            "other, and the half it discards is as large as the half it keeps. "
-            f"`{COUNTERFACTUAL}` (the Grad-CAM paper's counterfactual explanation: the same map "
-            "from the negated gradient) is listed next to them for comparison: where Grad-CAM "
-            "ranks the truth lowest and the counterfactual ranks it high, the truth holds the "
-            "evidence against the answer. Maps of gradient magnitude (guided backprop) or of "
-            "perturbation effects (occlusion) do not depend on the sign.\n\n"
+            "the cells to look at *lowest* on those questions. "
+            f"`{COUNTERFACTUAL}` (Grad-CAM from the negated gradient: the evidence against the "
+            "answer) is listed next to failing Grad-CAM variants for comparison. The table below "
+            "(stage `evidence_slope`) measures whether the answer's logit falls when the "
+            "ground-truth cells' features grow; why that makes Grad-CAM rank the truth lowest, and "
+            "why its signed map sums to zero on LSTM-CNN (Euler's theorem), is explained in "
+            "[docs/evaluation.md](../docs/evaluation.md#evidence-slope-and-grad-cam-on-lstm-cnn).\n\n"
             + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
 
 
@@ -456,9 +439,10 @@ def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markd
     if section.published:
         out += ["**Published values next to ours**", "",
                 published_table(cfg, for_section(section.published, PUBLISHED), frames), ""]
-    elif section.key in ("hadamard", "gating"):
-        out += ["No published number of this paper is put next to ours: the report shows only "
-                "numbers checked against the paper (`pipeline/evaluation/published.py`).", ""]
+    elif section.key == "hadamard":
+        out += ["No published number of this paper is put next to ours: Kim et al. print "
+                "per-example token z-scores, not a statistic our table aggregates "
+                "(`pipeline/evaluation/published.py`).", ""]
     return "\n".join(out)
 
 
@@ -577,8 +561,7 @@ def run(cfg: DictConfig) -> dict:
         "figures_included": len(assembled.figures),
         "absent_sections": assembled.absent,
         "published_values": {"verified": sum(p.verified for p in PUBLISHED),
-                             "quoted_not_checked": sum(p.quoted for p in PUBLISHED),
-                             "not_verified": sum(not p.verified and not p.quoted for p in PUBLISHED)},
+                             "not_verified": sum(not p.verified for p in PUBLISHED)},
         "not_beating_random": assembled.not_beating_random,
     }
     write_json(abspath(cfg.paths.metrics_dir) / "report.json", metrics)

@@ -70,6 +70,20 @@ def test_nonfinite_maps_are_counted_and_marked_invalid(trained_world, monkeypatc
     assert arrays["valid"].tolist() == [False] + [True] * 5
 
 
+
+def assert_same_questions(single: list[dict], ddp: list[dict]):
+    """Ids, tokens and predicted answers exactly; floats (probabilities, accuracies) to float32
+    rounding: each rank runs its own batch composition, so sums are taken in another order."""
+    assert [r["question_id"] for r in single] == [r["question_id"] for r in ddp]
+    for a, b in zip(single, ddp):
+        assert sorted(a) == sorted(b), a["question_id"]
+        for key in a:
+            if isinstance(a[key], float) or isinstance(b[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["question_id"], key)
+            else:
+                assert a[key] == b[key], (a["question_id"], key)
+
+
 def test_ddp_gives_the_same_arrays_as_one_process(trained_world):
     single = trained_world / "attributions/single"
     attribute.run(cfg_for(trained_world, "model=mlb", "attribution.limit=24",
@@ -82,7 +96,8 @@ def test_ddp_gives_the_same_arrays_as_one_process(trained_world):
          "attribution.limit=24", f"paths.root={trained_world}", f"paths.attributions_dir={ddp}"],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert store.load_index(single / "mlb")["questions"] == store.load_index(ddp / "mlb")["questions"]
+    assert_same_questions(store.load_index(single / "mlb")["questions"],
+                          store.load_index(ddp / "mlb")["questions"])
     for method in ("gradcam", "occlusion", "hadamard", "random"):
         a, b = store.load_method(single / "mlb", method), store.load_method(ddp / "mlb", method)
         assert sorted(a) == sorted(b)

@@ -1,4 +1,4 @@
-"""Occlusion (Goyal et al. 2016, section 4) against Captum's Occlusion and plain loops."""
+"""Occlusion (Goyal et al. 2016, section 3.2) against Captum's Occlusion and plain loops."""
 import pytest
 import torch
 from captum.attr import Occlusion

@@ -118,18 +118,19 @@ def test_readme_has_every_table_figure_and_published_citation(reported, explaine
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
     assert sorted(Path(l).stem for l in links) == sorted(FIGURES)
     assert all((reports / l).is_file() for l in links)
-    # Sections in DESIGN.md order.
+    # Sections in the order of docs/evaluation.md: the four papers, then the checks.
     order = [readme.index(s.title) for s in report.SECTIONS]
     assert order == sorted(order)
-    # Every published entry with its citation; none verified: the quoted ones show their number
-    # labelled as not checked against the paper, the others no number.
+    # Every published entry with its citation, the number as the paper prints it, and the data
+    # and model it was computed on. Goyal et al.'s Table 1 and the 72% are there by value.
     for p in PUBLISHED:
-        assert p.quantity in readme and p.where in readme
-    quoted = [p for p in PUBLISHED if p.quoted]
-    assert quoted and not any(p.verified for p in PUBLISHED)
-    assert readme.count(report.NOT_VERIFIED) == len(PUBLISHED) - len(quoted)
-    for p in quoted:
-        assert f"{p.value:.3f} ({p.data}; {report.QUOTED} {p.quoted_in})" in readme
+        assert p.verified, p.key
+        assert f"| {p.quantity} |" in readme and p.where in readme and p.paper in readme
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {p.quantity} |"))
+        assert f"| {p.shown} |" in row and p.data in row and p.model in row, row
+    for printed in ("0.00007", "0.07164", "0.12277", "0.62289", "-0.08836", "72%"):
+        assert f"| {printed} |" in readme, printed
+    assert readme.count(report.NOT_VERIFIED) == 0
     # Our counterparts located in the tables: lstm_cnn occlusion vs human = 0.2, failure 0.6875.
     assert "| rank correlation with human attention: occlusion | 0.200 (lstm_cnn, occlusion vs human)" in readme
     assert "0.688 (lstm_cnn, flip features)" in readme
@@ -273,9 +274,10 @@ def test_a_verified_published_value_is_shown_next_to_ours(explained_world, tmp_p
     reports = make_reports(explained_world, tmp_path)
     report.run(config(explained_world, reports))
     readme = (reports / "README.md").read_text()
-    assert ("| occlusion test quantity | 0.210 (mlb, occlusion) | 0.173 (some data; checked at a test copy, "
-            "p. 4) | Someone et al. A paper. 2016; Table 9 |") in readme
+    assert ("| occlusion test quantity | 0.210 (mlb, occlusion) | 0.173 | some data | "
+            "Someone et al. A paper. 2016; Table 9 (read at a test copy, p. 4) |") in readme
     assert "| absent quantity | not located: no row of rank_correlation matches" in readme
+    assert f"| {report.NOT_VERIFIED} | d |" in readme   # no value: no number shown
 
 
 def test_locate_finds_one_row_and_refuses_ambiguity():

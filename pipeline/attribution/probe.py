@@ -1,6 +1,6 @@
 """The shared probe: every attribution method reaches a model only through it.
 
-A :class:`Probe` runs the model once with hooks on its analysis points (DESIGN.md section 4),
+A :class:`Probe` runs the model once with hooks on its analysis points (docs/analysis_points.md),
 keeps each point's activation so that gradients can be taken with respect to it, and can switch
 the model's ReLUs to guided backpropagation. Methods ask for gradients of a score with respect
 to named points; they never see the model class. Work that several methods share (one forward

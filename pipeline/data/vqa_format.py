@@ -1,5 +1,5 @@
 """Readers for the files real users bring: VQA question/annotation JSON, COCO image names and
-VQA-HAT human attention maps (DESIGN.md section 7). The synthetic world is written in the same
+VQA-HAT human attention maps (docs/formats.md). The synthetic world is written in the same
 formats, so these readers serve both.
 
 Every reader reports bad input through a :class:`~pipeline.data.errors.RecordPolicy`, naming the

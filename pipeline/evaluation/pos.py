@@ -1,5 +1,5 @@
 """Part-of-speech tags of question tokens and the "most important word" of an explanation
-(Goyal et al., "Towards Transparent AI Systems", section 4.2 and Fig. 3; DESIGN.md section 6).
+(Goyal et al., "Towards Transparent AI Systems", section 4.2 and Fig. 3; docs/evaluation.md).
 
 Tags are Penn Treebank tags. Two taggers give them offline:
 
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 NLTK_RESOURCE = "taggers/averaged_perceptron_tagger_eng/"
 NLTK_INSTALL = "python -m nltk.downloader averaged_perceptron_tagger_eng"
 
-# Goyal et al. group the Penn Treebank tags (Fig. 3); DESIGN.md section 6.
+# Goyal et al. group the Penn Treebank tags (section 4.2, Fig. 3); here each tag keeps its own bar
+# and is labelled with its group (docs/evaluation.md, POS histogram).
 _EXACT_GROUPS = {
     "WDT": "wh-words", "WP": "wh-words", "WP$": "wh-words", "WRB": "wh-words",
     "NN": "nouns", "NNS": "nouns", "NNP": "nouns", "NNPS": "nouns",

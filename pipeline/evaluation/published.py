@@ -1,23 +1,27 @@
 """The papers' published numbers that the report puts next to ours, one entry per number, each
-with its citation (paper, table or section) and the data it was computed on.
+with its citation (paper, table or section), the data and the model it was computed on, and the
+number exactly as the paper prints it.
 
-Rule: a number goes in only once it has been checked against a copy of the paper, and
-``source`` says where it was checked. An entry whose number could not be checked keeps
-``value=None``; the report then prints "published value not verified" instead of a number.
-A wrong published number in a reproduction report is worse than none: readers would take a
-mismatch as a finding about the method.
+Rule: a number goes in only once it has been read in the paper's text; ``source`` says where.
+An entry whose number could not be read keeps ``value=None`` and the report prints "published
+value not verified" instead of a number: a wrong published number in a reproduction report is
+worse than none, since readers would take a mismatch as a finding about the method.
 
-One exception, labelled as such: a number the project's own design quotes from the paper
-(``quoted_in``, e.g. DESIGN.md section 1) is shown as "quoted in ..., not checked against the
-paper", so that a reader sees the target the project was built against and knows how far to
-trust it. Checking it against the paper turns it into a verified entry (set ``source``).
+Some entries are *counted from* a published table rather than printed in it (the overlap of two
+top-10 index columns of Ummettuguli's Tables 1-4): ``source`` says so, and ``printed`` gives the
+count the value was computed from.
 
-Verification log (the stored copies of the papers available to this project when the entries
-were written): the searchable copies of Goyal et al. (arXiv 1608.08974: arxiv-vanity, groundai)
-and Das et al. (arXiv 1606.03556 / 1606.05589: arxiv-vanity, deepai) hold the title, abstract
-and introduction only, not Table 1 nor the results sections, so none of the numbers below
-could be checked yet. To add one: read it in the paper, fill ``value`` and ``source`` (the
-exact location you read it at), and the report shows it.
+The papers' numbers come from other data (VQA v1 / VQA-HAT on COCO images) and other models
+(VGG-based Deeper LSTM Q + norm I, SAN): side by side they say whether a pattern holds, not
+whether the values match (docs/evaluation.md, "Published numbers").
+
+Not entered, and why:
+- Kim et al. print per-token z-scores (Eq. 11) under each example of Figs. 2-5; they describe
+  single questions, not a statistic any table of ours aggregates, and the printed token rows do
+  not align one-to-one with the questions' words (six values under "is the man happy ?").
+- Ummettuguli's Table 6 has a first row whose label is illegible in the paper's text
+  (value 0.006204): which questions it compares cannot be read, so it is left out.
+- The Grad-CAM paper reports no number on VQA that our tables reproduce.
 
 ``ours`` says where our counterpart lives: a table under ``reports/tables/``, the row (every
 ``match`` column equal to its value; a tuple of column names means "the first of these that
@@ -29,10 +33,14 @@ from dataclasses import dataclass, field
 
 GOYAL = ("Goyal, Mohapatra, Parikh, Batra. Towards Transparent AI Systems: Interpreting Visual "
          "Question Answering Models. arXiv:1608.08974, 2016")
-DAS = ("Das, Agrawal, Zitnick, Parikh, Batra. Human Attention in Visual Question Answering: Do "
-       "Humans and Deep Networks Look at the Same Regions? EMNLP 2016 (arXiv:1606.03556)")
-VQA_HAT = "VQA v1 val questions with VQA-HAT human attention maps"
-VQA = "VQA v1 val questions and answers"
+UMMETTUGULI = ("Ummettuguli. Towards visual explanations that ground multiple modalities. "
+               "Georgia Institute of Technology")
+
+VQA_HAT = "VQA v1 val: the 1,374 question-image pairs with VQA-HAT human attention maps"
+VQA_VAL = "VQA v1 val questions and answers"
+VQA_IMAGES = "VQA val images and questions (COCO)"
+LSTM_CNN = "Deeper LSTM Q + norm I (Lu et al. 2015; VGG fc7 image feature)"
+SAN = "SAN, stacked attention networks (Yang et al. 2015)"
 
 
 @dataclass(frozen=True)
@@ -53,17 +61,18 @@ class PublishedValue:
     data: str                        # what the paper computed it on
     ours: OurValue
     value: float | None = None       # None: not verified (see module docstring); fractions, not %
-    source: str | None = None        # where the value was checked against the paper
-    quoted_in: str | None = None     # or: the project document quoting it (not checked)
+    source: str | None = None        # where the value was read in the paper
+    model: str = ""                  # the paper's model
+    printed: str = ""                # the number as the paper prints it ("0.00007", "72%")
 
     @property
     def verified(self) -> bool:
         return self.value is not None and bool(self.source)
 
     @property
-    def quoted(self) -> bool:
-        """Shown, but only as the project's design quotes it: not checked against the paper."""
-        return self.value is not None and not self.source and bool(self.quoted_in)
+    def shown(self) -> str:
+        """The published number for the report: as printed, else rounded."""
+        return self.printed or f"{self.value:.3f}"
 
 
 def _rank(method: str, model: str = "lstm_cnn", reference: str = "human") -> OurValue:
@@ -71,45 +80,81 @@ def _rank(method: str, model: str = "lstm_cnn", reference: str = "human") -> Our
                     ("mean",), f"{model}, {method} vs {reference}")
 
 
+def _goyal_table1(key: str, quantity: str, ours: OurValue, value: float, printed: str) -> PublishedValue:
+    return PublishedValue(key, "rank_correlation", quantity, GOYAL, "Table 1, section 4.1", VQA_HAT,
+                          ours, value=value, source="Table 1", model=LSTM_CNN, printed=printed)
+
+
+HUMAN = OurValue("rank_correlation", {"model": "human", "method": "human", "reference": "human"},
+                 ("mean",), "simulated annotators vs each other")
+
+
+def _gating(key: str, quantity: str, where: str, case: str, measure: str, value: float,
+            printed: str, source: str) -> PublishedValue:
+    return PublishedValue(
+        key, "gating", quantity, UMMETTUGULI, where, VQA_IMAGES,
+        OurValue("gating_score_correlation", {"model": "lstm_cnn", "case": case, "measure": measure},
+                 ("mean",), f"lstm_cnn, {case.replace('_', ' ')}, mean {measure}"),
+        value=value, source=source, model="Deeper LSTM Q + norm I, combine layer of 1024 neurons",
+        printed=printed)
+
+
 PUBLISHED: tuple[PublishedValue, ...] = (
     # Goyal et al. Table 1: mean Spearman rank correlation of |importance map| with the VQA-HAT
-    # human attention maps (section 4.1), for the Deeper LSTM + norm I model (our lstm_cnn).
-    PublishedValue("goyal_table1_random", "rank_correlation",
-                   "rank correlation with human attention: random map", GOYAL, "Table 1, section 4.1",
-                   VQA_HAT, _rank("random")),
-    PublishedValue("goyal_table1_occlusion", "rank_correlation",
-                   "rank correlation with human attention: occlusion", GOYAL, "Table 1, section 4.1",
-                   VQA_HAT, _rank("occlusion")),
-    PublishedValue("goyal_table1_guided_backprop", "rank_correlation",
-                   "rank correlation with human attention: guided backpropagation", GOYAL,
-                   "Table 1, section 4.1", VQA_HAT, _rank("guided_backprop")),
-    PublishedValue("goyal_table1_human", "rank_correlation",
-                   "rank correlation between humans (inter-annotator agreement)", GOYAL,
-                   "Table 1, section 4.1 (quoted from Das et al.)", VQA_HAT,
-                   OurValue("rank_correlation", {"model": "human", "method": "human", "reference": "human"},
-                            ("mean",), "simulated annotators vs each other")),
-    # Das et al. (VQA-HAT), the rank-correlation table of section 5: human agreement, a random
-    # baseline and attention models (SAN-2, HieCoAtt); our attention model is MLB.
-    PublishedValue("das_hat_human", "rank_correlation",
-                   "inter-human rank correlation of VQA-HAT maps", DAS,
-                   "rank-correlation table, section 5", VQA_HAT,
-                   OurValue("rank_correlation", {"model": "human", "method": "human", "reference": "human"},
-                            ("mean",), "simulated annotators vs each other")),
-    PublishedValue("das_hat_random", "rank_correlation",
-                   "rank correlation of a random map with human attention", DAS,
-                   "rank-correlation table, section 5", VQA_HAT, _rank("random", "mlb")),
-    PublishedValue("das_hat_attention", "rank_correlation",
-                   "rank correlation of learned attention (SAN-2, HieCoAtt) with human attention",
-                   DAS, "rank-correlation table, section 5", VQA_HAT,
-                   _rank("attention", "mlb")),
-    # Goyal et al. section 4.2: predicting the model's failures from answer flips under occlusion.
+    # human attention maps at 16 x 16 (section 4.1). Our counterpart is lstm_cnn.
+    _goyal_table1("goyal_table1_random", "rank correlation with human attention: random map",
+                  _rank("random"), 0.00007, "0.00007"),
+    _goyal_table1("goyal_table1_occlusion", "rank correlation with human attention: occlusion",
+                  _rank("occlusion"), 0.07164, "0.07164"),
+    _goyal_table1("goyal_table1_guided_backprop",
+                  "rank correlation with human attention: guided backpropagation",
+                  _rank("guided_backprop"), 0.12277, "0.12277"),
+    _goyal_table1("goyal_table1_human", "rank correlation between humans (inter-annotator agreement)",
+                  HUMAN, 0.62289, "0.62289"),
+    # Section 4.1's text: an explicit attention model on the same data; our attention model is MLB.
+    PublishedValue("goyal_san_attention", "rank_correlation",
+                   "rank correlation of a learned attention model's map with human attention",
+                   GOYAL, "section 4.1 (text)", VQA_HAT, _rank("attention", "mlb"),
+                   value=-0.08836, source="section 4.1, paragraph after Table 1", model=SAN,
+                   printed="-0.08836"),
+    # Section 4.2: predicting the model's success or failure from answer flips under occlusion.
     PublishedValue("goyal_failure_prediction", "failure_prediction",
                    "accuracy of predicting whether the answer is wrong from occlusion answer flips",
-                   GOYAL, "section 4.2", VQA,
+                   GOYAL, "section 4.2", VQA_VAL,
                    OurValue("failure_prediction",
                             {"model": "lstm_cnn", ("feature_set", "features"): "flips"},
                             ("accuracy", "cv_accuracy"), "lstm_cnn, flip features"),
-                   value=0.72, quoted_in="DESIGN.md section 1 and issue 5 (\"72% in the paper\")"),
+                   value=0.72, source="section 4.2, last paragraph (\"accurately 72% of the times\")",
+                   model=LSTM_CNN, printed="72%"),
+    # Ummettuguli Tables 5-6: Spearman between the dA/dq vectors of two questions about one image
+    # that have the same answer ("white", "green"). Ours: the same-answer question pairs.
+    *(_gating(f"ummettuguli_table{t}_{pair}", f"Spearman of the neuron scores of two same-answer "
+              f"questions: {label}", f"Table {t}", "same_answer_pairs", "spearman", value, printed,
+              f"Table {t}, row '{label}'")
+      for t, pair, label, value, printed in (
+          (5, "sink_towels", "sink / towels (Fig. 27)", 0.860921, "0.860921"),
+          (5, "trees_grass", "trees / grass (Fig. 78)", 0.932396, "0.932396"),
+          (5, "toilets_wall", "toilets / wall (Fig. 84)", 0.812344, "0.812344"),
+          (6, "cake_balloons", "cake / balloons (Fig. 10)", 0.896294, "0.896294"),
+          (6, "phone_top", "phone / top (Fig. 93)", 0.872120, "0.872120"))),
+    # Tables 1-4 print the top-10 neuron indices; the overlap of two columns is counted from them
+    # and given as a Jaccard index (shared / union), the measure of our table.
+    _gating("ummettuguli_table1_same_question", "top-10 neuron overlap (Jaccard), same question on "
+            "two images: 'What is the man doing?', Figs. 20 and 25", "Table 1",
+            "same_question_different_images", "top10_jaccard", 10 / 10, "10 of 10 indices shared",
+            "counted from Table 1's two index columns"),
+    _gating("ummettuguli_table2_same_question", "top-10 neuron overlap (Jaccard), same question on "
+            "two images: 'What is the man doing?', Figs. 23 and 24", "Table 2",
+            "same_question_different_images", "top10_jaccard", 8 / 12, "8 of 10 indices shared",
+            "counted from Table 2's two index columns"),
+    _gating("ummettuguli_table3_different_questions", "top-10 neuron overlap (Jaccard), two questions "
+            "on one image: 'Where are they looking?' / 'What is the woman doing?', Fig. 20", "Table 3",
+            "different_questions_same_image", "top10_jaccard", 2 / 18, "2 of 10 indices shared",
+            "counted from Table 3's two index columns"),
+    _gating("ummettuguli_table4_different_questions", "top-10 neuron overlap (Jaccard), two questions "
+            "on one image: 'What color is the cake?' / 'What color are the balloons?', Fig. 10",
+            "Table 4", "different_questions_same_image", "top10_jaccard", 2 / 18,
+            "2 of 10 indices shared", "counted from Table 4's two index columns"),
 )
 
 

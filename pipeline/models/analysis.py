@@ -1,5 +1,6 @@
 """Analysis points: the named places where attribution methods read activations and gradients
-(DESIGN.md section 4). A method talks only to these names, never to a model class.
+(docs/analysis_points.md, which lists them per model). A method talks only to these names, never
+to a model class.
 
 | point   | meaning                                            |
 |---------|----------------------------------------------------|

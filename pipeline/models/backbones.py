@@ -5,7 +5,8 @@ point (the Grad-CAM layer) and whose spatial mean is the pooled image feature.
   (multi-label presence of shapes, colours and shape-colour pairs through a global-average-pool
   head, so that CAM is defined for it); the stand-in for ImageNet pretraining.
 - ``resnet152``: torchvision's ResNet-152 with ImageNet weights from the torch hub cache or a
-  file; res5c (14 x 14 x 2048 at 448 x 448) is the grid, as in the MLB and LSTM-CNN papers.
+  file; res5c (14 x 14 x 2048 at 448 x 448) is the grid, as in MLB (Kim et al.). The original
+  LSTM-CNN (Lu et al. 2015, VQA_LSTM_CNN) reads VGG fc7 instead; here it mean-pools this grid.
 """
 from __future__ import annotations
 
@@ -49,7 +50,14 @@ class Backbone(nn.Module):
 class ResidualBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus a (projected) shortcut, then ReLU (He et al. 2016).
 
-    ReLUs are modules, not functional calls, so that guided backpropagation can hook them."""
+    ReLUs are modules, not functional calls, so that guided backpropagation can hook them.
+
+    The projected shortcut is a 1x1 convolution with stride ``s``, computed as subsampling
+    (every ``s``-th row and column) followed by a stride-1 1x1 convolution: the same function,
+    value for value. The strided form would send the backward pass of channels-last inputs with
+    few input channels into a oneDNN kernel that corrupts memory or returns wrong weight
+    gradients (docs/determinism.md, "The oneDNN 1x1 convolution bug"); the stride-1 form never
+    reaches it. Parameter names are those of the strided form, so older weight files load."""
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -58,13 +66,15 @@ class ResidualBlock(nn.Module):
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut_stride = int(stride)
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            nn.Conv2d(c_in, c_out, 1, 1, bias=False), nn.BatchNorm2d(c_out))
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(y + self.shortcut(x))
+        s = self.shortcut_stride
+        return self.relu2(y + self.shortcut(x[:, :, ::s, ::s] if s > 1 else x))
 
 
 class SceneResNet(Backbone):

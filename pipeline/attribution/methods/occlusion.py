@@ -1,6 +1,6 @@
 """Occlusion (Goyal et al. 2016, "Towards transparent AI systems: interpreting visual question
-answering models", section 4): how much the explained answer's probability falls when part of the
-input is hidden.
+answering models", section 3.2, "discrete derivatives"): how much the explained answer's
+probability falls when part of the input is hidden. Definitions and options: docs/methods.md.
 
     image:    the image is cut into a G x G grid of patches (H / G x W / G pixels); patch (i, j)
               is painted one colour, by default the ImageNet mean (exactly 0 after normalisation);
@@ -12,10 +12,10 @@ with p the softmax probability and a_hat the explained answer (``ctx.target``). 
 signed: hiding a distractor can raise the probability. Every occlusion that changes the predicted
 answer (the argmax) is recorded as a flip, for the failure-prediction study.
 
-Shared work (DESIGN.md section 5): the backbone is frozen and question-independent, so each
-distinct image's occluded copies go through it once, in batches, and serve every question about
-that image; each question's feature is computed once and reused for all patches; each image's
-original grid is computed once and reused for all dropped-word variants.
+Shared work (docs/methods.md, "Shared passes"): the backbone is frozen and question-independent,
+so each distinct image's occluded copies go through it once, in batches, and serve every question
+about that image; each question's feature is computed once and reused for all patches; each
+image's original grid is computed once and reused for all dropped-word variants.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def _drop_words(ctx, grid0, target, batch_size):
 
 @register("occlusion")
 def occlusion(ctx) -> Explanation:
-    """Goyal et al. 2016, section 4 (definitions in the module docstring). Options
+    """Goyal et al. 2016, section 3.2 (definitions in the module docstring). Options
     (``options["occlusion"]``): ``grid`` G (default 16), ``patch_value`` (None = the ImageNet
     mean colour, else 1 or C values in normalised units), ``batch_size`` (occluded copies or
     question variants per forward, default 64), ``fold_batchnorm`` (default True: the copies run
