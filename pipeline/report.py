@@ -410,6 +410,27 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
             + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
 
 
+def largest_map_change(sweep: pd.DataFrame) -> str:
+    """Where, per model, letting more fusion neurons through moves the gated map most (the
+    ``change_from_previous`` rows of ``gating_sweep``: 1 - Spearman with the previous gate size)."""
+    if not {"measure", "top_n", "method", "mean"} <= set(sweep.columns):
+        return ""
+    change = sweep[(sweep["measure"] == "change_from_previous") & sweep["mean"].notna()]
+    if change.empty:
+        return ""
+    parts = []
+    for model, rows in change.groupby("model", sort=False):
+        best = rows.loc[rows["mean"].idxmax()]
+        sizes = sorted(set(sweep.loc[(sweep["model"] == model) & (sweep["method"] == "gated_gradcam"), "top_n"]))
+        before = sizes[sizes.index(int(best["top_n"])) - 1]
+        parts.append(f"{model} between n = {before} and n = {int(best['top_n'])} "
+                     f"(1 - rho = {best['mean']:.3f} [{best['ci_low']:.3f}, {best['ci_high']:.3f}])")
+    return ("Where the gated map changes most from one gate size to the next (mean over the pairs' "
+            "questions of 1 - Spearman between the maps at consecutive sizes; Ummettuguli saw the "
+            "best maps at n = 25, 200 and 400 and a drastic change between 200 and 300 on one "
+            "example): " + "; ".join(parts) + ".")
+
+
 def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markdowns: dict[str, str],
                    synthetic: bool, assembled: Assembled, reports: Path) -> str:
     out = [f"## {section.title}", ""]
@@ -436,6 +457,8 @@ def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markd
             out += [f"![{path.stem}]({rel})", ""]
     if section.key == "gradcam":
         out += [gradcam_rows(frames), ""]
+    if section.key == "gating" and "gating_sweep" in frames:
+        out += [largest_map_change(frames["gating_sweep"]), ""]
     if section.published:
         out += ["**Published values next to ours**", "",
                 published_table(cfg, for_section(section.published, PUBLISHED), frames), ""]

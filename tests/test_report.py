@@ -341,3 +341,19 @@ def test_sample_is_deterministic_and_spread_over_strata():
     assert all(picked[s] >= min(2, sizes[s]) for s in sizes.index)
     assert sample_questions(rows, 12, seed=4, salt="mlb") != sample
     assert len(sample_questions(rows, 1000, seed=3)) == len(rows)
+
+
+def test_largest_map_change_names_the_pair_of_gate_sizes():
+    rows = []
+    for model, means in (("lstm_cnn", {10: 0.1, 25: 0.5, 200: 0.2}), ("mlb", {5: 0.3, 10: 0.05})):
+        sizes = sorted(means)
+        rows.append({"model": model, "method": "gated_gradcam", "top_n": 1, "measure": "own_mask",
+                     "mean": 0.0, "ci_low": 0.0, "ci_high": 0.0})
+        for n in sizes:
+            rows.append({"model": model, "method": "gated_gradcam", "top_n": n,
+                         "measure": "change_from_previous", "mean": means[n],
+                         "ci_low": means[n] - 0.01, "ci_high": means[n] + 0.01})
+    text = report.largest_map_change(pd.DataFrame(rows))
+    assert "lstm_cnn between n = 10 and n = 25 (1 - rho = 0.500 [0.490, 0.510])" in text
+    assert "mlb between n = 1 and n = 5 (1 - rho = 0.300" in text
+    assert report.largest_map_change(pd.DataFrame({"model": ["mlb"], "n": [10]})) == ""
