@@ -103,8 +103,10 @@ SECTIONS: tuple[Section, ...] = (
             (FigureSpec("pos_histogram.png", "pos_histogram"),)),
     Section("failure_prediction", "Goyal et al., section 4.2: predicting failures from answer flips",
             "A cross-validated logistic regression predicts whether the model's answer is wrong "
-            "from how often occluding an image patch or dropping a word flips it; accuracy next to "
-            "the majority-class baseline, balanced accuracy and ROC-AUC.",
+            "(VQA accuracy 0: no human gave it) from how often occluding an image patch or "
+            "dropping a word flips it; accuracy next to the majority-class baseline, balanced "
+            "accuracy and ROC-AUC. The row `flip_count` is the paper's: the number of answer "
+            "changes alone; the other rows are richer classifiers beside it.",
             (TableSpec("failure_prediction", "failure_prediction"),),
             (FigureSpec("failure_prediction.png", "failure_prediction"),), "failure_prediction"),
     Section("gradcam", "Grad-CAM (Selvaraju et al.): CAM, guided backprop, Grad-CAM, Guided Grad-CAM, "

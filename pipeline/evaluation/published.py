@@ -123,8 +123,8 @@ PUBLISHED: tuple[PublishedValue, ...] = (
                    "accuracy of predicting whether the answer is wrong from occlusion answer flips",
                    GOYAL, "section 4.2", VQA_VAL,
                    OurValue("failure_prediction",
-                            {"model": "lstm_cnn", ("feature_set", "features"): "flips"},
-                            ("accuracy", "cv_accuracy"), "lstm_cnn, flip features"),
+                            {"model": "lstm_cnn", ("feature_set", "features"): "flip_count"},
+                            ("accuracy", "cv_accuracy"), "lstm_cnn, flip count alone"),
                    value=0.72, source="section 4.2, last paragraph (\"accurately 72% of the times\")",
                    model=LSTM_CNN, printed="72%"),
     # Ummettuguli Tables 5-6: Spearman between the dA/dq vectors of two questions about one image
