@@ -1,6 +1,6 @@
 """Stage gating_study (Ummettuguli Tables 1-6 and the top-n sweep): neuron scores against a plain
 autograd loop, the one-pass sweep against ``explain`` at each gate size (full width = Grad-CAM
-exactly), the tables against scipy / plain-loop recomputations, determinism, bad input."""
+to float32 rounding), the tables against scipy / plain-loop recomputations, determinism, bad input."""
 import itertools
 import json
 import shutil
@@ -147,15 +147,26 @@ def test_sweep_equals_explain_at_each_gate_size_and_gradcam_at_full_width(explai
     scores = full["gated_gradcam"].extras["neuron_scores"]
     sizes = [1, 3, 10, width]
     logits, target, gradcam, gated = gating.gated_gradcam_sweep(model, images, tokens, scores, sizes)
-    assert torch.equal(target, logits.argmax(1))
-    assert torch.equal(gradcam, full["gradcam"].image_map_raw)
-    assert torch.equal(gated[width], gradcam)  # every neuron kept: Grad-CAM exactly
-    assert torch.equal(gated[width], full["gated_gradcam"].image_map_raw)
+    assert torch.equal(target, logits.argmax(1))  # answer ids: exact
+    # The sweep and explain reach each map by different autograd routes (one shared forward
+    # pass for every n, or one pass per method): equal to float32 rounding, stated relative to
+    # Grad-CAM's largest value (1e-5 of it, ~80 float32 steps) plus 1e-4 relative.
+    scale = full["gradcam"].image_map_raw.abs().max().item()
+    assert scale > 0
+    atol = 1e-5 * scale
+
+    def assert_same_map(actual, expected, n):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"n={n}: {m}")
+
+    assert_same_map(gradcam, full["gradcam"].image_map_raw, "gradcam")
+    assert_same_map(gated[width], gradcam, width)  # every neuron kept: Grad-CAM
+    assert_same_map(gated[width], full["gated_gradcam"].image_map_raw, width)
     for n in sizes[:-1]:
         reference = explain(model, images, tokens, ["gated_gradcam"], target=target,
                             options={"gated_gradcam": {"top_n": n}})["gated_gradcam"]
-        assert torch.equal(gated[n], reference.image_map_raw), n
-    assert not torch.equal(gated[1], gradcam)  # the gate does something
+        assert_same_map(gated[n], reference.image_map_raw, n)
+    # the gate does something, far beyond the tolerance
+    assert (gated[1] - gradcam).abs().max().item() > 100 * atol
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,23 +244,39 @@ def test_sweep_table_full_width_is_gradcam_and_matches_a_scipy_loop(stage_run):
     cfg, metrics = stage_run
     table = read(cfg, "gating_sweep")
     truth = inputs.ground_truth_questions(cfg, "val")
+    # The gate sizes written out from the config (conf/evaluation/default.yaml
+    # gating_study.sweep.top_n = [1, 2, 5, 10, 20, 50, 100, full]) and the fusion widths of
+    # conf/model/*.yaml (arch.joint: LSTM-CNN 1024, MLB 256); `full` is the width.
+    expected_sizes = {"lstm_cnn": [1, 2, 5, 10, 20, 50, 100, 1024],
+                      "mlb": [1, 2, 5, 10, 20, 50, 100, 256]}
+    assert list(cfg.evaluation.gating_study.sweep.top_n) == [1, 2, 5, 10, 20, 50, 100, "full"]
     for model in MODELS:
         t = table[table["model"] == model]
         width = int(metrics["models"][model]["fusion_width"])
-        assert sorted(set(t.loc[t["method"] == "gated_gradcam", "top_n"])) == \
-            gating_study.gate_sizes(cfg.evaluation.gating_study.sweep.top_n, width)
+        assert width == expected_sizes[model][-1]
+        assert sorted(set(t.loc[t["method"] == "gated_gradcam", "top_n"])) == expected_sizes[model]
         reference = t[t["method"] == "gradcam"].set_index("measure")
         full = t[(t["method"] == "gated_gradcam") & (t["top_n"] == width)
                  & (t["measure"] != "change_from_previous")].set_index("measure")
         assert full["full_width"].all()
-        for column in ("n", "mean", "ci_low", "ci_high", "undefined"):
-            assert full[column].equals(reference[column]), column
-        assert metrics["models"][model]["sweep"]["full_width_max_abs_difference_from_gradcam"] == 0.0
+        assert list(full.index) == list(reference.index)
+        # Counts are exact; the Spearman summaries of maps equal to float rounding agree to 1e-4
+        # (a rounding-level change moves a rank only between near-equal cells).
+        for column in ("n", "undefined"):
+            assert full[column].tolist() == reference[column].tolist(), column
+        for column in ("mean", "ci_low", "ci_high"):
+            np.testing.assert_allclose(full[column].to_numpy(float), reference[column].to_numpy(float),
+                                       rtol=0, atol=1e-4, err_msg=column)
         # Grad-CAM's rows recomputed from explain() and scipy, one question at a time.
         qids = [q for pair in truth["pairs"] for q in pair]
         model_obj, images, tokens = model_and_batch(cfg, model, qids)
         maps = explain(model_obj, images, tokens, ["gradcam"])["gradcam"].image_map.detach().numpy()
         small = np.abs(inputs.to_resolution(maps, 16))
+        # The full-width maps equal Grad-CAM's to float32 rounding: 1e-5 of the maps' largest
+        # value, computed here from explain(), not by the stage.
+        assert small.max() > 0
+        full_difference = metrics["models"][model]["sweep"]["full_width_max_abs_difference_from_gradcam"]
+        assert 0.0 <= full_difference <= 1e-5 * small.max(), (full_difference, small.max())
         masks = inputs.ground_truth_maps(cfg, "val", qids, 16)
         own, other, difference = [], [], []
         for p, (a, b) in enumerate(truth["pairs"]):

@@ -3,6 +3,7 @@ plain loop, the counted exclusions, resizing of odd-sized human maps, determinis
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,7 +100,9 @@ def test_by_answer_type_is_the_loop_restricted_to_each_type(explained_world, tmp
     cfg = stage_config(explained_world, tmp_path)
     result = rank_correlation.run(cfg)
     table, by_type = result["table"], result["by_answer_type"]
-    assert list(by_type.columns) == rank_correlation.BY_TYPE_COLUMNS
+    # the columns the report and readers use, written out: renaming or dropping one fails here
+    assert list(by_type.columns) == ["model", "method", "reference", "answer_type", "n", "mean",
+                                     "ci_low", "ci_high", "beats_random"]
     index = inputs.load_store(cfg, "mlb")
     type_of = {q["question_id"]: q["answer_type"] for q in index["questions"]}
     assert set(by_type.answer_type) == set(type_of.values()) and len(set(type_of.values())) > 1
@@ -220,7 +223,10 @@ def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, t
     assert csv_a.read_bytes() == csv_b.read_bytes()
 
     table = pd.read_csv(csv_a, keep_default_na=False)
-    assert list(table.columns) == rank_correlation.COLUMNS
+    # the columns the report and readers use, written out: renaming or dropping one fails here
+    assert list(table.columns) == ["model", "method", "reference", "n", "mean", "ci_low", "ci_high",
+                                   "constant", "ties", "no_reference_map", "invalid",
+                                   "constant_reference", "beats_random"]
     assert (tmp_path / "a" / "reports" / "figures" / "rank_correlation.png").stat().st_size > 1000
     md = (tmp_path / "a" / "reports" / "tables" / "rank_correlation.md").read_text()
     assert "95% CI" in md and "no reference map" in md
@@ -256,6 +262,37 @@ def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, t
         f"{r.model}/{r.method}/{r.reference}" for r in df.itertuples() if r.beats_random is False)
 
 
+def test_two_processes_with_different_hash_seeds_write_identical_tables(explained_world, tmp_path):
+    """The stage as dvc.yaml runs it, in two separate processes whose PYTHONHASHSEED differ (set
+    and dict-of-set iteration orders, str hashes): the same inputs give the same table files,
+    byte for byte, and the same metrics."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_PIPELINE
+
+    outputs = {}
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"hash{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.rank_correlation", *TINY_PIPELINE, "threads=1",
+             f"paths.root={explained_world}", f"paths.reports_dir={out}/reports",
+             f"paths.log_dir={out}/logs"],
+            capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        tables = out / "reports" / "tables"
+        outputs[hash_seed] = {p.name: p.read_bytes() for p in sorted(tables.iterdir())}
+        outputs[hash_seed]["metrics"] = (out / "reports" / "metrics" / "rank_correlation.json").read_bytes()
+    assert sorted(outputs["1"]) == ["metrics", "rank_correlation.csv", "rank_correlation.md",
+                                    "rank_correlation_by_answer_type.csv",
+                                    "rank_correlation_by_answer_type.md"]
+    for name in outputs["1"]:
+        assert outputs["1"][name] == outputs["2"][name], name
+    table = pd.read_csv(tmp_path / "hash1" / "reports" / "tables" / "rank_correlation.csv")
+    assert len(table) > 10 and table["n"].gt(0).any()  # a real table, not two empty ones
+
+
 def test_resolution_14_option(explained_world, tmp_path):
     cfg = stage_config(explained_world, tmp_path, "evaluation.resolution=14", "evaluation.models=[mlb]")
     table = rank_correlation.run(cfg)["table"]
@@ -276,6 +313,62 @@ def test_empty_store_names_the_attribute_stage(explained_world, tmp_path):
         rank_correlation.run(stage_config(explained_world, tmp_path, *overrides))
     with pytest.raises(DataError, match="pipeline.attribute"):
         rank_correlation.run(stage_config(explained_world, tmp_path, f"paths.attributions_dir={tmp_path / 'none'}"))
+
+
+def _offline_wandb_run(explained_world, tmp_path, monkeypatch):
+    """rank_correlation with logger=wandb, offline (no network), into ``tmp_path/logs``: the
+    stage's result and what its one offline run holds, read back from the run's files."""
+    from tests.wandb_records import offline_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = stage_config(explained_world, tmp_path, "logger=wandb", f"paths.log_dir={tmp_path / 'logs'}",
+                       "evaluation.models=[lstm_cnn]")
+    assert cfg.logger.mode == "offline"
+    result = rank_correlation.run(cfg)
+    runs = offline_runs(tmp_path / "logs" / "wandb")
+    assert len(runs) == 1
+    return result, runs[0]
+
+
+def test_offline_wandb_run_holds_the_summary_and_figures(explained_world, tmp_path, monkeypatch):
+    from tests.wandb_records import logged
+
+    result, run = _offline_wandb_run(explained_world, tmp_path, monkeypatch)
+    assert run["job_type"] == "rank_correlation" and run["name"] == "rank_correlation"
+    table = result["table"]
+    # every row's mean under rank_correlation/<model>/<method>/<reference>, the values of the table
+    expected = {f"rank_correlation/{r.model}/{r.method}/{r.reference}": r.mean
+                for r in table.itertuples() if not pd.isna(r.mean)}
+    assert "rank_correlation/lstm_cnn/gradcam/human" in expected and len(expected) > 10
+    for key, value in expected.items():
+        assert run["summary"][key] == pytest.approx(value, abs=1e-12), key
+    images = {k: v for k, v in logged(run).items() if isinstance(v, dict) and v.get("_type") == "image-file"}
+    assert len(images) == 2
+    for name in ("rank_correlation.png", "rank_correlation_by_answer_type.png"):
+        match = [v for v in images.values() if Path(v["path"]).name.startswith(name[:-4] + "_0_")]
+        assert len(match) == 1, name
+        assert (run["dir"] / "files" / match[0]["path"]).stat().st_size > 1000
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "log_to_wandb (pipeline/evaluation/outputs.py) logs tables and figures under the same keys "
+    "f'{stage}/{name}': rank_correlation's figures share their tables' names, so the images "
+    "replace the tables and no table reaches wandb (likewise failure_prediction, sanity_check, "
+    "gating_sweep, pos_histogram). Remove this marker once tables and figures get distinct keys."))
+def test_offline_wandb_run_holds_both_tables(explained_world, tmp_path, monkeypatch):
+    from tests.wandb_records import logged_tables
+
+    result, run = _offline_wandb_run(explained_world, tmp_path, monkeypatch)
+    tables = logged_tables(run)
+    for name, frame in (("rank_correlation", result["table"]),
+                        ("rank_correlation_by_answer_type", result["by_answer_type"])):
+        # under a key naming the stage and the table, with the table's columns and rows
+        match = [t for key, t in tables.items() if key.startswith("rank_correlation/") and name in key
+                 and t["columns"] == list(frame.columns)]
+        assert len(match) == 1, (name, sorted(tables))
+        assert len(match[0]["data"]) == len(frame), name
+        methods = [row[list(frame.columns).index("method")] for row in match[0]["data"]]
+        assert methods == frame["method"].tolist(), name
 
 
 def test_stage_logs_its_table_and_figure_once(explained_world, tmp_path, monkeypatch):
