@@ -94,10 +94,13 @@ SECTIONS: tuple[Section, ...] = (
             (FigureSpec("rank_correlation.png", "rank_correlation"),
              FigureSpec("rank_correlation_by_answer_type.png", "rank_correlation")), "rank_correlation"),
     Section("pos_histogram", "Goyal et al., Fig. 3: which words matter, by part of speech",
-            "P(the most important word of a question has tag t), for the 15 most frequent Penn "
-            "Treebank tags, sorted by tag frequency (section 4.2). On the synthetic world, also how "
-            "often the most important word is one the question's answer truly depends on.",
+            "P(the most important word of a question has a tag of category c): the 15 most "
+            "frequent Penn Treebank tags of the whole split, grouped into categories (WDT, WP, WRB "
+            "-> wh-words, ...), sorted by frequency (section 4.2); the same per tag below. On the "
+            "synthetic world, also how often the most important word is one the question's answer "
+            "truly depends on.",
             (TableSpec("pos_histogram", "pos_histogram"),
+             TableSpec("pos_histogram_by_tag", "pos_histogram", caption="The same per tag"),
              TableSpec("pos_ground_truth", "pos_histogram", needs_ground_truth=True,
                        caption="Most important word vs the ground-truth important words")),
             (FigureSpec("pos_histogram.png", "pos_histogram"),)),

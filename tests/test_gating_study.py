@@ -245,11 +245,13 @@ def test_sweep_table_full_width_is_gradcam_and_matches_a_scipy_loop(stage_run):
     table = read(cfg, "gating_sweep")
     truth = inputs.ground_truth_questions(cfg, "val")
     # The gate sizes written out from the config (conf/evaluation/default.yaml
-    # gating_study.sweep.top_n = [1, 2, 5, 10, 20, 50, 100, full]) and the fusion widths of
-    # conf/model/*.yaml (arch.joint: LSTM-CNN 1024, MLB 256); `full` is the width.
-    expected_sizes = {"lstm_cnn": [1, 2, 5, 10, 20, 50, 100, 1024],
-                      "mlb": [1, 2, 5, 10, 20, 50, 100, 256]}
-    assert list(cfg.evaluation.gating_study.sweep.top_n) == [1, 2, 5, 10, 20, 50, 100, "full"]
+    # gating_study.sweep.top_n: 1, 2, 5 and Ummettuguli's 10 ... 1000, full) and the fusion
+    # widths of conf/model/*.yaml (arch.joint: LSTM-CNN 1024, MLB 256); `full` is the width and
+    # sizes above it are capped at it.
+    paper = [10, 15, 20, 25, 30, 35, 40, 45, 50, 100, 200, 300, 400, 500, 750, 1000]
+    expected_sizes = {"lstm_cnn": [1, 2, 5, *paper, 1024],
+                      "mlb": [1, 2, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 100, 200, 256]}
+    assert list(cfg.evaluation.gating_study.sweep.top_n) == [1, 2, 5, *paper, "full"]
     for model in MODELS:
         t = table[table["model"] == model]
         width = int(metrics["models"][model]["fusion_width"])

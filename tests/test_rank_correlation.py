@@ -225,8 +225,8 @@ def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, t
     table = pd.read_csv(csv_a, keep_default_na=False)
     # the columns the report and readers use, written out: renaming or dropping one fails here
     assert list(table.columns) == ["model", "method", "reference", "n", "mean", "ci_low", "ci_high",
-                                   "constant", "ties", "no_reference_map", "invalid",
-                                   "constant_reference", "beats_random"]
+                                   "mean_all_questions", "constant", "ties", "no_reference_map",
+                                   "invalid", "constant_reference", "beats_random"]
     assert (tmp_path / "a" / "reports" / "figures" / "rank_correlation.png").stat().st_size > 1000
     md = (tmp_path / "a" / "reports" / "tables" / "rank_correlation.md").read_text()
     assert "95% CI" in md and "no reference map" in md
