@@ -350,11 +350,6 @@ def test_offline_wandb_run_holds_the_summary_and_figures(explained_world, tmp_pa
         assert (run["dir"] / "files" / match[0]["path"]).stat().st_size > 1000
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "log_to_wandb (pipeline/evaluation/outputs.py) logs tables and figures under the same keys "
-    "f'{stage}/{name}': rank_correlation's figures share their tables' names, so the images "
-    "replace the tables and no table reaches wandb (likewise failure_prediction, sanity_check, "
-    "gating_sweep, pos_histogram). Remove this marker once tables and figures get distinct keys."))
 def test_offline_wandb_run_holds_both_tables(explained_world, tmp_path, monkeypatch):
     from tests.wandb_records import logged_tables
 
