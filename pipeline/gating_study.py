@@ -45,9 +45,10 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from pipeline.attribution.base import method_score
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
@@ -200,7 +201,10 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
     transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
     data_root = abspath(cfg.data.root)
     resolution = int(cfg.evaluation.resolution)
-    score_kind = str(cfg.attribution.score)
+    # The sweep is question-gated Grad-CAM: its score as the attribute stage used it.
+    score_kind = method_score({"score": cfg.attribution.score,
+                               **OmegaConf.to_container(cfg.attribution.options, resolve=True)},
+                              "gated_gradcam")
     upsample_mode = str(cfg.attribution.upsample)
 
     qids = [q for pair in pairs for q in pair]  # a0, b0, a1, b1, ...

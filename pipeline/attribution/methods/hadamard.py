@@ -72,7 +72,7 @@ def hadamard(ctx) -> Explanation:
     (default, as the paper's printed z-scores) or "population"."""
     std = ctx.option("hadamard", "std", "sample")
     _ddof(std)  # a bad value fails before any pass
-    probe, _ = ctx.gradient_pass()  # guided forward, shared with the gradient family
+    probe = ctx.guided_probe()  # guided forward, shared with the gradient family
     missing = [n for n in NEEDED if n not in probe]
     if missing:
         raise NotApplicable(f"Hadamard visualisation needs analysis points {missing}")
