@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
     if a.limit:
         records = records[:int(a.limit)]
     options = OmegaConf.to_container(a.options, resolve=True)
-    options.update(score=str(a.score), upsample=str(a.upsample))
+    options.update(score=None if a.score is None else str(a.score), upsample=str(a.upsample))
 
     out_dir = abspath(cfg.paths.attributions_dir) / str(cfg.model.name)
     t = cfg.trainer

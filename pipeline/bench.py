@@ -69,6 +69,14 @@ class ImageOnly(nn.Module):
         return self.model(images, self.tokens)
 
 
+class ImageOnlyProbabilities(ImageOnly):
+    """The answers' softmax probabilities as a function of the pixels: the score guided
+    backprop differentiates by default (Goyal et al. section 3; ``method_score``)."""
+
+    def forward(self, images):
+        return torch.softmax(self.model(images, self.tokens), dim=1)
+
+
 MIN_SECONDS = 2.0  # fast measurements repeat until they have taken at least this long
 
 
@@ -120,7 +128,8 @@ def captum_gradient_family(model, batches):
         wrapper = ImageOnly(model, tokens)
         conv = model.analysis_points()["conv"]
         cam = LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=True)
-        guided = GuidedBackprop(wrapper).attribute(images, target=target)
+        # Each method on its paper's score, as ours: guided backprop on the probability.
+        guided = GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=target)
         ggc = GuidedGradCam(wrapper, conv).attribute(images, target=target, interpolate_mode="bilinear")
         out.append((cam, guided, ggc))
     return out

@@ -7,14 +7,19 @@ accuracy on their data.)
 Per question, from the occlusion store of each model (the attribute stage records every
 occlusion that changes the predicted answer):
 
+    flip_count           how many occlusions (patches and dropped words) change the answer: the
+                         paper's quantity ("the number of times the predicted answer changes")
     image_flips          patches whose occlusion flips the answer / G*G patches occluded
     question_flips       words whose removal flips the answer / number of real words
     image_drop_max/mean  max / mean probability drop over the G x G patches (image_map_raw)
     question_drop_max/mean  max / mean probability drop over the real words (question_map)
     probability          the answer's own probability (a confidence variant, not from occlusion)
 
-Label: the answer is wrong (index ``correct`` is False); questions without ground-truth answers
-are excluded and counted, and so are questions whose occlusion maps are not finite. Classifier:
+Label: the answer is wrong, i.e. its VQA accuracy is 0 (none of the ten humans gave it; index
+``correct`` is False); "success" is the opposite. Questions without ground-truth answers are
+excluded and counted, and so are questions whose occlusion maps are not finite. The feature set
+``flip_count`` (the flip count alone, against the majority baseline) is the paper's row; the
+others are richer classifiers beside it. Classifier:
 L2 logistic regression on each feature set of ``evaluation.failure_prediction.feature_sets``
 (standardised on the training fold), stratified k-fold cross-validation, out-of-fold scores
 (:mod:`pipeline.evaluation.failure`). Reported per model and feature set: n, wrong answers, the
@@ -50,7 +55,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "failure_prediction"
 METHOD = "occlusion"
-FEATURES = ("image_flips", "question_flips", "image_drop_max", "image_drop_mean",
+FEATURES = ("flip_count", "image_flips", "question_flips", "image_drop_max", "image_drop_mean",
             "question_drop_max", "question_drop_mean", "probability")
 NEEDED_ARRAYS = ("question_ids", "valid", "image_map_raw", "question_map",
                  "extra/flip_counts/image", "extra/flip_counts/question")
@@ -101,6 +106,7 @@ def question_features(arrays: dict[str, np.ndarray], questions: list[dict]) -> p
     question_count = arrays["extra/flip_counts/question"].astype(np.int64)
     frame = pd.DataFrame({
         "question_id": [int(q["question_id"]) for q in questions],
+        "flip_count": image_count + question_count,
         "image_flips": image_count / image.shape[1],
         "question_flips": np.where(words > 0, question_count / np.maximum(words, 1), np.nan),
         "image_drop_max": image.max(1),

@@ -45,9 +45,10 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from pipeline.attribution.base import method_score
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
@@ -55,7 +56,7 @@ from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import gating, inputs
 from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, save_figure, tables_dir, write_table
-from pipeline.evaluation.stats import summarise
+from pipeline.evaluation.stats import spearman_rows, summarise
 from pipeline.io import write_json
 from pipeline.models import load_trained_model
 from pipeline.models.checkpoint import trained_model_path
@@ -65,6 +66,10 @@ log = logging.getLogger(__name__)
 STAGE = "gating_study"
 METHOD = "gated_gradcam"
 SWEEP_MEASURES = ("own_mask", "other_mask", "own_minus_other", "pair_difference")
+# 1 - Spearman between a question's gated map at gate size n and at the next smaller size of the
+# sweep: how much letting more neurons through moves the map (Ummettuguli section 3.3 describes
+# the map changing "drastically" between n = 200 and 300 on one example).
+CHANGE_MEASURE = "change_from_previous"
 TOP_COLUMNS = ["model", "case", "group", "question_id", "image_id", "question", "rank", "neuron", "score"]
 OVERLAP_COLUMNS = ["model", "case", "group", "questions", "n", "mean", "ci_low", "ci_high"]
 CORRELATION_COLUMNS = ["model", "case", "measure", "n", "mean", "ci_low", "ci_high", "undefined"]
@@ -196,7 +201,10 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
     transform = ImageTransform(model.backbone.input_size, model.backbone.mean, model.backbone.std)
     data_root = abspath(cfg.data.root)
     resolution = int(cfg.evaluation.resolution)
-    score_kind = str(cfg.attribution.score)
+    # The sweep is question-gated Grad-CAM: its score as the attribute stage used it.
+    score_kind = method_score({"score": cfg.attribution.score,
+                               **OmegaConf.to_container(cfg.attribution.options, resolve=True)},
+                              "gated_gradcam")
     upsample_mode = str(cfg.attribution.upsample)
 
     qids = [q for pair in pairs for q in pair]  # a0, b0, a1, b1, ...
@@ -246,6 +254,17 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
             headline[f"{method}/{n}/{measure}"] = row["mean"]
         if key == width:
             full_difference = float(np.abs(np.concatenate(maps[width]) - np.concatenate(maps["gradcam"])).max())
+    largest = None
+    for previous, n in zip(sizes, sizes[1:]):
+        a, b = np.concatenate(maps[previous]), np.concatenate(maps[n])
+        change = 1.0 - spearman_rows(a.reshape(len(a), -1), b.reshape(len(b), -1))
+        row = {"model": model_name, "method": METHOD, "top_n": n, "full_width": n == width,
+               "measure": CHANGE_MEASURE, **_summary_row(change, boot, seed)}
+        out.append(row)
+        if row["n"] and (largest is None or row["mean"] > largest[2]):
+            largest = (previous, n, row["mean"])
+    if largest is not None:
+        headline["largest_change_from"], headline["largest_change_to"], headline["largest_change"] = largest
     headline["pairs"] = len(pairs)
     headline["full_width_max_abs_difference_from_gradcam"] = full_difference
     return out, headline
@@ -270,6 +289,10 @@ def sweep_figure(table: pd.DataFrame, path):
             ref = t[(t["method"] == "gradcam") & (t["measure"] == measure)]
             if len(ref):
                 ax.axhline(float(ref["mean"].iloc[0]), color=colours[measure], ls="--", lw=1)
+        change = t[(t["method"] == METHOD) & (t["measure"] == CHANGE_MEASURE)].sort_values("top_n")
+        if len(change):
+            ax.plot(change["top_n"], change["mean"], "s:", color="0.3", ms=3,
+                    label=f"{CHANGE_MEASURE} (1 - rho with the previous n)")
         ax.set_xscale("log")
         ax.axhline(0, color="0.6", lw=0.5)
         ax.set_xlabel("gate size n (top-n fusion neurons; rightmost = full width)")

@@ -9,16 +9,20 @@ of every valid question is the argmax of the method's word importance over the q
 tokens (:data:`pipeline.evaluation.pos.QUESTION_IMPORTANCE`: occlusion signed, the word whose
 removal lowers the answer's probability most; ties -> the first token; a question whose words all
 score the same has no most important word and is left out, and counted). Every token is given a
-Penn Treebank tag (:mod:`pipeline.evaluation.pos`), and for the ``top_tags`` most frequent tags
+Penn Treebank tag (:mod:`pipeline.evaluation.pos`). As in Fig. 3, the ``top_tags`` most frequent
+tags over the whole split (``evaluation.split``, every question of it, not only the explained
+ones) are grouped into categories (WDT, WP, WRB -> wh-words, NN, NNS -> nouns, ...; a tag of no
+group is a category of its own), and per category c
 
-    P(most important | tag t) = #questions whose most important word has tag t
-                                / #tokens with tag t in those questions,
+    P(most important | c) = #questions whose most important word has a tag of c
+                            / #tokens with a tag of c in those questions,
 
-sorted by tag frequency over all of the model's questions, as in Fig. 3.
+categories sorted by their tags' frequency over the split. The same per tag is kept as detail.
 
 Writes
-  reports/tables/pos_histogram.csv (+ .md)     model, method, tagger, tag, group, tag_count,
-                                               most_important, p_most_important
+  reports/tables/pos_histogram.csv (+ .md)     model, method, tagger, category, tags, tag_count,
+                                               most_important, p_most_important (Fig. 3)
+  reports/tables/pos_histogram_by_tag.csv (+ .md)  the same per tag (tag, group)
   reports/tables/pos_ground_truth.csv (+ .md)  synthetic data: how often the most important word
                                                is one the question's answer depends on
   reports/figures/pos_histogram.png            grouped bars, one panel per model (Fig. 3)
@@ -38,6 +42,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.config import abspath, stage_main
+from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
@@ -47,8 +52,10 @@ from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
 
-HISTOGRAM_COLUMNS = ["model", "method", "tagger", "tag", "group", "tag_count", "most_important",
+HISTOGRAM_COLUMNS = ["model", "method", "tagger", "category", "tags", "tag_count", "most_important",
                      "p_most_important"]
+BY_TAG_COLUMNS = ["model", "method", "tagger", "tag", "group", "tag_count", "most_important",
+                  "p_most_important"]
 TRUTH_COLUMNS = ["model", "method", "tagger", "n", "share_ground_truth", "ci_low", "ci_high", "chance",
                  "no_most_important", "invalid"]
 
@@ -90,12 +97,32 @@ def tag_tallies(questions: list[dict], winners: dict[int, int], width: int,
     return tokens_per_tag, winners_per_tag
 
 
-def frequent_tags(questions: list[dict], width: int, tagger: Tagger, top: int) -> list[str]:
-    """The ``top`` most frequent tags over every token of every question (ties alphabetical)."""
+def tag_frequencies(questions: list[dict], width: int, tagger: Tagger) -> Counter:
+    """Tokens per tag over every token of every question."""
     counts = Counter()
     for q in questions:
         counts.update(tagger.tag(q["tokens"][:real_length(q, width)]))
+    return counts
+
+
+def frequent_tags(counts: Counter, top: int) -> list[str]:
+    """The ``top`` most frequent tags of ``counts`` (ties alphabetical)."""
     return [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+def category(tag: str) -> str:
+    """Fig. 3's category of a tag: its group (wh-words, nouns, ...), or the tag itself when it
+    belongs to none (CC, EX, MD, ...)."""
+    group = tag_group(tag)
+    return tag if group == "other" else group
+
+
+def categories(top: list[str], counts: Counter) -> list[tuple[str, list[str]]]:
+    """(category, its tags among ``top``), sorted by the tags' summed frequency (ties by name)."""
+    members: dict[str, list[str]] = {}
+    for tag in top:
+        members.setdefault(category(tag), []).append(tag)
+    return sorted(members.items(), key=lambda kv: (-sum(counts[t] for t in kv[1]), kv[0]))
 
 
 def ground_truth_hits(questions: list[dict], winners: dict[int, int], truth: dict,
@@ -134,27 +161,28 @@ def load_question_arrays(cfg, model: str, index: dict, method: str) -> dict | No
 
 
 def plot_histogram(table: pd.DataFrame, models: list[str], methods: list[str], tagger_name: str):
+    """Fig. 3: one panel per model, one bar per category and method."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.6 * len(models)), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for ax, model in zip(axes[:, 0], models):
         part = table[table.model == model]
-        tags = list(dict.fromkeys(part.tag))  # already in frequency order
-        x = np.arange(len(tags))
+        names = list(dict.fromkeys(part.category))  # already in frequency order
+        x = np.arange(len(names))
         for k, method in enumerate(methods):
-            rows = part[part.method == method].set_index("tag")
+            rows = part[part.method == method].set_index("category")
             if rows.empty:
                 continue
-            heights = [rows.p_most_important.get(t, np.nan) for t in tags]
+            heights = [rows.p_most_important.get(c, np.nan) for c in names]
             ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=method)
         ax.set_xticks(x)
-        groups = dict(zip(part.tag, part.group))
-        ax.set_xticklabels([f"{t}\n{groups[t]}" for t in tags], fontsize=8)
-        ax.set_ylabel("P(most important | tag)")
+        tags = dict(zip(part.category, part.tags))
+        ax.set_xticklabels([f"{c}\n{tags[c]}" if tags[c] != c else c for c in names], fontsize=8)
+        ax.set_ylabel("P(most important | category)")
         ax.set_ylim(0, 1.15)  # headroom for the legend above bars that reach 1
         ax.set_yticks(np.linspace(0, 1, 6))
-        ax.set_title(f"{model}: tags by frequency (tagger: {tagger_name})", fontsize=10)
+        ax.set_title(f"{model}: categories by frequency on the split (tagger: {tagger_name})", fontsize=10)
         ax.legend(fontsize=8, ncol=len(methods), loc="upper right")
     fig.tight_layout()
     return fig
@@ -169,8 +197,12 @@ def run(cfg: DictConfig) -> dict:
     boot = {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
             "seed": int(e.seed)}
 
-    histogram_rows, truth_rows = [], []
-    metrics = {"tagger": tagger.name, "questions": {}, "ground_truth_share": {}, "skipped": {}}
+    # Fig. 3's tags are the most frequent on the whole split, not on the explained questions.
+    split_questions = processed.load_question_table(abspath(cfg.paths.processed_dir), str(e.split))
+    histogram_rows, by_tag_rows, truth_rows = [], [], []
+    split_counts_by_width: dict[int, Counter] = {}
+    metrics = {"tagger": tagger.name, "questions": {}, "ground_truth_share": {}, "skipped": {},
+               "split_questions_tagged": len(split_questions)}
     for model in models:
         index = inputs.load_store(cfg, model)
         questions = index["questions"]
@@ -184,15 +216,26 @@ def run(cfg: DictConfig) -> dict:
             width = importance.shape[1]
             found = most_important_words(questions, importance, arrays["valid"])
             tokens_per_tag, winners_per_tag = tag_tallies(questions, found["winners"], width, tagger)
-            # The order depends on the model's questions only (not on the method), so every
+            # Tags and their order depend on the split only (not on the method), so every
             # method's bars share one x axis.
-            for tag in frequent_tags(questions, width, tagger, int(settings.top_tags)):
+            if width not in split_counts_by_width:  # once per padded length, not per method
+                split_counts_by_width[width] = tag_frequencies(split_questions, width, tagger)
+            split_counts = split_counts_by_width[width]
+            top = frequent_tags(split_counts, int(settings.top_tags))
+            for tag in top:
                 count = int(tokens_per_tag[tag])
-                histogram_rows.append({
+                by_tag_rows.append({
                     "model": model, "method": method, "tagger": tagger.name, "tag": tag,
                     "group": tag_group(tag), "tag_count": count,
                     "most_important": int(winners_per_tag[tag]),
                     "p_most_important": winners_per_tag[tag] / count if count else float("nan")})
+            for name, tags in categories(top, split_counts):
+                count = sum(int(tokens_per_tag[t]) for t in tags)
+                winners = sum(int(winners_per_tag[t]) for t in tags)
+                histogram_rows.append({
+                    "model": model, "method": method, "tagger": tagger.name, "category": name,
+                    "tags": " ".join(tags), "tag_count": count, "most_important": winners,
+                    "p_most_important": winners / count if count else float("nan")})
             if truth:
                 hits, chance = ground_truth_hits(questions, found["winners"], truth, width)
                 s = summarise(hits, **boot)
@@ -208,8 +251,10 @@ def run(cfg: DictConfig) -> dict:
                      "%d invalid", model, method, len(found["winners"]), found["constant"], found["invalid"])
 
     histogram = pd.DataFrame(histogram_rows, columns=HISTOGRAM_COLUMNS)
-    tables = {"pos_histogram": histogram}
+    by_tag = pd.DataFrame(by_tag_rows, columns=BY_TAG_COLUMNS)
+    tables = {"pos_histogram": histogram, "pos_histogram_by_tag": by_tag}
     write_table(histogram, tables_dir(cfg) / "pos_histogram.csv")
+    write_table(by_tag, tables_dir(cfg) / "pos_histogram_by_tag.csv")
     # Written on real data too (header only: no ground truth there), so the stage's outputs
     # are the same files whatever the data.
     truth_table = pd.DataFrame(truth_rows, columns=TRUTH_COLUMNS)

@@ -21,7 +21,8 @@ Nothing is hidden: constant maps (rho undefined; excluded), maps with ties (kept
 ranks), questions without a reference map (excluded), non-finite maps (excluded) and constant
 reference maps (e.g. "how many" with answer 0: nothing to look at; excluded) are counted in their
 own columns. ``beats_random``: the method's interval lies entirely above the random map's
-interval of the same model and reference.
+interval of the same model and reference. ``mean_all_questions`` is the paper's average over
+every question with a map and a reference, an undefined rho (constant map or reference) scoring 0.
 
 The same scores are also summarised per answer type (VQA's yes/no, number, other), because a
 method can localise for one kind of question and not another: a gradient-weighted map such as
@@ -61,8 +62,8 @@ log = logging.getLogger(__name__)
 STAGE = "rank_correlation"
 HUMAN = "human"
 GROUND_TRUTH = "ground_truth"
-COLUMNS = ["model", "method", "reference", "n", "mean", "ci_low", "ci_high", "constant", "ties",
-           "no_reference_map", "invalid", "constant_reference", "beats_random"]
+COLUMNS = ["model", "method", "reference", "n", "mean", "ci_low", "ci_high", "mean_all_questions",
+           "constant", "ties", "no_reference_map", "invalid", "constant_reference", "beats_random"]
 BY_TYPE = f"{STAGE}_by_answer_type"
 BY_TYPE_COLUMNS = ["model", "method", "reference", "answer_type", "n", "mean", "ci_low", "ci_high",
                    "beats_random"]
@@ -198,6 +199,17 @@ def beats_random_flags(table: pd.DataFrame, within: tuple[str, ...] = ("referenc
     return flags
 
 
+def all_questions_mean(table: pd.DataFrame) -> pd.Series:
+    """The mean over every question with a map and a reference, a constant map (or a constant
+    reference: rho undefined) scoring 0: Goyal et al. average over all 1,374 VQA-HAT pairs
+    (section 4.1), while ``mean`` leaves the undefined ones out (and counts them)."""
+    n = table["n"].to_numpy(dtype=np.float64)
+    total = n + (table["constant"] + table["constant_reference"]).to_numpy(dtype=np.float64)
+    scored_sum = np.where(n > 0, table["mean"].to_numpy(dtype=np.float64) * n, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.Series(np.where(total > 0, scored_sum / total, np.nan), index=table.index)
+
+
 def readable_table(table: pd.DataFrame) -> pd.DataFrame:
     """The Markdown view: grouped by reference and model (a name shown once per group), the
     interval as one column."""
@@ -209,6 +221,7 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"reference": row.reference if group[0] != previous[0] else "",
                      "model": row.model if group != previous else "",
                      "method": row.method, "n": row.n, "mean": row.mean, "95% CI": ci,
+                     "mean, all questions": row.mean_all_questions,
                      "constant": row.constant, "ties": row.ties,
                      "no reference map": row.no_reference_map, "invalid": row.invalid,
                      "constant reference": row.constant_reference,
@@ -390,6 +403,7 @@ def run(cfg: DictConfig) -> dict:
 
     table = in_table_order(pd.DataFrame(rows), list(references), models)
     table["beats_random"] = beats_random_flags(table)
+    table["mean_all_questions"] = all_questions_mean(table)
     table = table[COLUMNS]
 
     out_tables = tables_dir(cfg)

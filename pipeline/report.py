@@ -94,17 +94,22 @@ SECTIONS: tuple[Section, ...] = (
             (FigureSpec("rank_correlation.png", "rank_correlation"),
              FigureSpec("rank_correlation_by_answer_type.png", "rank_correlation")), "rank_correlation"),
     Section("pos_histogram", "Goyal et al., Fig. 3: which words matter, by part of speech",
-            "P(the most important word of a question has tag t), for the 15 most frequent Penn "
-            "Treebank tags, sorted by tag frequency (section 4.2). On the synthetic world, also how "
-            "often the most important word is one the question's answer truly depends on.",
+            "P(the most important word of a question has a tag of category c): the 15 most "
+            "frequent Penn Treebank tags of the whole split, grouped into categories (WDT, WP, WRB "
+            "-> wh-words, ...), sorted by frequency (section 4.2); the same per tag below. On the "
+            "synthetic world, also how often the most important word is one the question's answer "
+            "truly depends on.",
             (TableSpec("pos_histogram", "pos_histogram"),
+             TableSpec("pos_histogram_by_tag", "pos_histogram", caption="The same per tag"),
              TableSpec("pos_ground_truth", "pos_histogram", needs_ground_truth=True,
                        caption="Most important word vs the ground-truth important words")),
             (FigureSpec("pos_histogram.png", "pos_histogram"),)),
     Section("failure_prediction", "Goyal et al., section 4.2: predicting failures from answer flips",
             "A cross-validated logistic regression predicts whether the model's answer is wrong "
-            "from how often occluding an image patch or dropping a word flips it; accuracy next to "
-            "the majority-class baseline, balanced accuracy and ROC-AUC.",
+            "(VQA accuracy 0: no human gave it) from how often occluding an image patch or "
+            "dropping a word flips it; accuracy next to the majority-class baseline, balanced "
+            "accuracy and ROC-AUC. The row `flip_count` is the paper's: the number of answer "
+            "changes alone; the other rows are richer classifiers beside it.",
             (TableSpec("failure_prediction", "failure_prediction"),),
             (FigureSpec("failure_prediction.png", "failure_prediction"),), "failure_prediction"),
     Section("gradcam", "Grad-CAM (Selvaraju et al.): CAM, guided backprop, Grad-CAM, Guided Grad-CAM, "
@@ -410,6 +415,27 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
             + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
 
 
+def largest_map_change(sweep: pd.DataFrame) -> str:
+    """Where, per model, letting more fusion neurons through moves the gated map most (the
+    ``change_from_previous`` rows of ``gating_sweep``: 1 - Spearman with the previous gate size)."""
+    if not {"measure", "top_n", "method", "mean"} <= set(sweep.columns):
+        return ""
+    change = sweep[(sweep["measure"] == "change_from_previous") & sweep["mean"].notna()]
+    if change.empty:
+        return ""
+    parts = []
+    for model, rows in change.groupby("model", sort=False):
+        best = rows.loc[rows["mean"].idxmax()]
+        sizes = sorted(set(sweep.loc[(sweep["model"] == model) & (sweep["method"] == "gated_gradcam"), "top_n"]))
+        before = sizes[sizes.index(int(best["top_n"])) - 1]
+        parts.append(f"{model} between n = {before} and n = {int(best['top_n'])} "
+                     f"(1 - rho = {best['mean']:.3f} [{best['ci_low']:.3f}, {best['ci_high']:.3f}])")
+    return ("Where the gated map changes most from one gate size to the next (mean over the pairs' "
+            "questions of 1 - Spearman between the maps at consecutive sizes; Ummettuguli saw the "
+            "best maps at n = 25, 200 and 400 and a drastic change between 200 and 300 on one "
+            "example): " + "; ".join(parts) + ".")
+
+
 def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markdowns: dict[str, str],
                    synthetic: bool, assembled: Assembled, reports: Path) -> str:
     out = [f"## {section.title}", ""]
@@ -436,6 +462,8 @@ def render_section(cfg, section: Section, frames: dict[str, pd.DataFrame], markd
             out += [f"![{path.stem}]({rel})", ""]
     if section.key == "gradcam":
         out += [gradcam_rows(frames), ""]
+    if section.key == "gating" and "gating_sweep" in frames:
+        out += [largest_map_change(frames["gating_sweep"]), ""]
     if section.published:
         out += ["**Published values next to ours**", "",
                 published_table(cfg, for_section(section.published, PUBLISHED), frames), ""]

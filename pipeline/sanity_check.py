@@ -106,7 +106,8 @@ def cascade(cfg, model_name: str, s, boot, seed: int) -> tuple[list[dict], dict]
     options = OmegaConf.to_container(cfg.attribution.options, resolve=True)
     for method, extra in OmegaConf.to_container(s.options, resolve=True).items():
         options.setdefault(method, {}).update(extra or {})
-    options.update(score=str(cfg.attribution.score), upsample=str(cfg.attribution.upsample))
+    options.update(score=None if cfg.attribution.score is None else str(cfg.attribution.score),
+                   upsample=str(cfg.attribution.upsample))
     methods = list(dict.fromkeys([*map(str, s.methods), REFERENCE]))
     groups = method_groups(methods, OmegaConf.to_container(s.question_limits, resolve=True) or {}, len(records))
     real_tokens = (tokens != 0).numpy()

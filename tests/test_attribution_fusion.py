@@ -82,7 +82,7 @@ def test_hadamard_post_processing_matches_numpy(name):
     result = explain(model, images, tokens, methods=["hadamard"])["hadamard"]
 
     g = result.image_map_raw.numpy().astype(np.float64)
-    standardised = (g - g.mean(axis=(2, 3), keepdims=True)) / g.std(axis=(2, 3), keepdims=True)
+    standardised = (g - g.mean(axis=(2, 3), keepdims=True)) / g.std(axis=(2, 3), ddof=1, keepdims=True)
     np.testing.assert_allclose(result.image_map.numpy(), np.abs(standardised).sum(1), rtol=1e-4, atol=1e-5)
 
     gq = result.extras["question_gradient"].numpy().astype(np.float64)
@@ -93,7 +93,7 @@ def test_hadamard_post_processing_matches_numpy(name):
     for b in range(len(sums)):
         s = sums[b, real[b]]
         if len(s) > 1:
-            expected[b, real[b]] = (s - s.mean()) / s.std()
+            expected[b, real[b]] = (s - s.mean()) / s.std(ddof=1)   # sample std, as Kim et al.
     np.testing.assert_allclose(result.question_map.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -108,10 +108,57 @@ def test_hadamard_token_zscores_are_standardised_over_real_tokens(name):
         values = z[b, real[b]].double()
         if len(values) > 1:
             assert abs(values.mean().item()) < 1e-5
-            assert abs(values.std(correction=0).item() - 1) < 1e-4
+            assert abs(values.std(correction=1).item() - 1) < 1e-4
         else:  # one real word: nothing to compare it with
             assert torch.all(values == 0)
     assert result.image_map.shape == (len(QUESTIONS), 32, 32) and result.image_map.min() >= 0
+
+
+# Kim et al., "Visual explanations from Hadamard product in multimodal deep networks", the
+# token z-scores (Eq. 11) printed under the examples of Figs. 2-5, one row per question.
+KIM_PRINTED_ZSCORES = [
+    [-0.7168, -0.6952, -0.5488, 0.5766, 1.7901, -0.4058],
+    [-0.8687, -0.9504, -0.0165, 0.5265, -0.3722, -0.1105, 2.1821, -0.3902],
+    [-0.6286, -0.8024, -0.0144, 1.7015, -0.256],
+    [-0.7498, -0.0464, -0.8698, -0.6084, 1.0919, -0.2107, 1.942, -0.5486],
+    [-0.5335, -0.7032, -0.1303, -0.5162, 1.9818, -0.0986],
+    [-0.6646, -0.8724, -0.982, 0.2414, 0.7726, 0.7846, 1.6452, -0.9248],
+    [-0.7231, -0.645, -0.4939, 0.2585, -0.6541, 0.3053, 2.2652, -0.313],
+    [-0.4998, -0.6784, 0.0679, 1.7103, -0.6001],
+    [-0.6689, 0.8233, -0.417, 1.9372, -0.5758, -0.6295, -0.4693],
+    [-0.9485, -0.7053, -0.5041, 0.965, 1.52, -0.3272],
+    [-0.7042, 1.5426, -0.725, -0.2961, 0.9558, -0.7731],
+    [-0.7466, -1.0425, -0.5642, 1.6609, 0.0589, 1.0498, -0.4163],
+]
+
+
+@pytest.mark.parametrize("row", KIM_PRINTED_ZSCORES, ids=lambda r: f"{len(r)}_tokens_{r[0]}")
+def test_token_zscores_reproduce_kim_et_al_printed_rows(row):
+    """A row of z-scores is its own z-score under the paper's convention: re-standardising
+    Kim et al.'s printed values gives them back (to their 4 printed decimals) with the sample
+    std, and values too large by sqrt(n / (n - 1)) with the population std."""
+    from pipeline.attribution.methods.hadamard import token_zscores
+
+    z = torch.tensor([row], dtype=torch.float64)
+    mask = torch.ones_like(z, dtype=torch.bool)
+    n = len(row)
+    assert float((z ** 2).sum()) == pytest.approx(n - 1, abs=2e-3)   # what the paper printed
+    torch.testing.assert_close(token_zscores(z, mask), z, rtol=0, atol=3e-4)
+    population = token_zscores(z, mask, std="population")
+    torch.testing.assert_close(population, z * (n / (n - 1)) ** 0.5, rtol=0, atol=3e-4)
+    assert (population - z).abs().max() > 1e-2   # the two conventions are told apart
+    # Padding changes nothing: the z-scores are over the real tokens only.
+    padded = torch.cat([z, torch.zeros(1, 3, dtype=torch.float64)], dim=1)
+    out = token_zscores(padded, padded != 0)
+    torch.testing.assert_close(out[:, :n], z, rtol=0, atol=3e-4)
+    assert torch.all(out[:, n:] == 0)
+
+
+def test_hadamard_std_option_is_validated():
+    from pipeline.attribution.methods.hadamard import token_zscores
+
+    with pytest.raises(ValueError, match="sample"):
+        token_zscores(torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool), std="unbiased")
 
 
 # ---------------------------------------------------------------- question-gated Grad-CAM

@@ -4,7 +4,7 @@ import torch
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam
 
 from pipeline.attribution import available_methods, explain
-from pipeline.bench import ImageOnly  # the model as a function of the pixels, as Captum expects
+from pipeline.bench import ImageOnly, ImageOnlyProbabilities  # the model as a function of the pixels, as Captum expects
 from tests.test_models import tiny_model
 
 QUESTIONS = ["what color is the circle", "how many squares", "what"]
@@ -31,7 +31,7 @@ def test_gradient_family_matches_captum(name):
     upsampled = LayerAttribution.interpolate(cam, (32, 32), interpolate_mode="bilinear")
     torch.testing.assert_close(maps["gradcam"].image_map, upsampled[:, 0], rtol=1e-4, atol=1e-6)
 
-    guided = GuidedBackprop(wrapper).attribute(images, target=target)
+    guided = GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=target)  # Goyal et al.: the probability
     torch.testing.assert_close(maps["guided_backprop"].image_map_raw, guided, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(maps["guided_backprop"].image_map, guided.abs().sum(1), rtol=1e-4, atol=1e-7)
 
@@ -67,7 +67,9 @@ def test_guided_backprop_question_map_matches_a_plain_loop(name):
         handle = embedding.register_forward_hook(lambda m, inp, out: captured.setdefault("e", out))
         logits = model(images[i:i + 1], tokens[i:i + 1])
         handle.remove()
-        grad, = torch.autograd.grad(logits[0, target[i]], captured["e"])
+        # the answer's probability (Goyal et al. section 3): no ReLU on the language side, so a
+        # plain gradient
+        grad, = torch.autograd.grad(torch.softmax(logits, dim=1)[0, target[i]], captured["e"])
         expected = grad[0].norm(dim=1) * (tokens[i] != 0)
         torch.testing.assert_close(maps["guided_backprop"].question_map[i], expected, rtol=1e-4, atol=1e-8)
 
@@ -103,5 +105,35 @@ def test_explicit_target_is_explained():
     model, images, tokens, target = setup("mlb")
     other = (target + 1) % 4
     maps = explain(model, images, tokens, methods=["guided_backprop"], target=other)
-    guided = GuidedBackprop(ImageOnly(model, tokens)).attribute(images, target=other)
+    guided = GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=other)
     torch.testing.assert_close(maps["guided_backprop"].image_map_raw, guided, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
+def test_each_method_differentiates_its_papers_score(name):
+    """Goyal et al. (section 3) take guided backprop of the answer's probability; Grad-CAM (Eq. 1)
+    the score before the softmax. Both from one explain() call, checked against Captum on the
+    probability and on the logit; a per-method option and a global one override the defaults."""
+    model, images, tokens, target = setup(name)
+    logits_fn, probs_fn = ImageOnly(model, tokens), ImageOnlyProbabilities(model, tokens)
+    conv = model.analysis_points()["conv"]
+    on_probability = GuidedBackprop(probs_fn).attribute(images, target=target)
+    on_logit = GuidedBackprop(logits_fn).attribute(images, target=target)
+    cam_logit = LayerGradCam(logits_fn, conv).attribute(images, target=target, relu_attributions=True)[:, 0]
+    cam_probability = LayerGradCam(probs_fn, conv).attribute(images, target=target, relu_attributions=True)[:, 0]
+    assert not torch.allclose(on_probability, on_logit, rtol=1e-2, atol=1e-6)   # the choice matters
+
+    maps = explain(model, images, tokens, methods=["gradcam", "guided_backprop", "guided_gradcam"])
+    torch.testing.assert_close(maps["guided_backprop"].image_map_raw, on_probability, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(maps["gradcam"].image_map_raw, cam_logit, rtol=1e-4, atol=1e-6)
+
+    own = explain(model, images, tokens, methods=["guided_backprop"],
+                  options={"guided_backprop": {"score": "logit"}})["guided_backprop"]
+    torch.testing.assert_close(own.image_map_raw, on_logit, rtol=1e-4, atol=1e-7)
+    forced = explain(model, images, tokens, methods=["gradcam", "guided_backprop"],
+                     options={"score": "probability"})
+    torch.testing.assert_close(forced["gradcam"].image_map_raw, cam_probability, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(forced["guided_backprop"].image_map_raw, on_probability, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="guided_backprop"):
+        explain(model, images, tokens, methods=["guided_backprop"],
+                options={"guided_backprop": {"score": "softmax"}})

@@ -9,7 +9,7 @@ from captum.attr import (GuidedBackprop, GuidedGradCam, IntegratedGradients, Lay
                          LayerGradCam, LayerIntegratedGradients)
 
 from pipeline.attribution import explain
-from pipeline.bench import ImageOnly, load_questions
+from pipeline.bench import ImageOnly, ImageOnlyProbabilities, load_questions
 from pipeline.models import load_model
 from tests.conftest import evaluation_config
 from tests.test_attribution_fusion import hadamard_by_hand
@@ -44,7 +44,7 @@ def test_gradient_family_matches_captum(trained, name):
     torch.testing.assert_close(maps["gradcam"].image_map,
                                LayerAttribution.interpolate(cam, size, interpolate_mode="bilinear")[:, 0],
                                rtol=1e-4, atol=1e-6)
-    guided = GuidedBackprop(wrapper).attribute(images, target=target)
+    guided = GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=target)  # Goyal et al.: the probability
     torch.testing.assert_close(maps["guided_backprop"].image_map_raw, guided, rtol=1e-4, atol=1e-7)
     ggc = GuidedGradCam(wrapper, conv).attribute(images, target=target, interpolate_mode="bilinear")
     torch.testing.assert_close(maps["guided_gradcam"].image_map_raw, ggc, rtol=1e-4, atol=1e-8)

@@ -8,7 +8,7 @@ import torch
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam
 
 from pipeline.attribution import explain
-from pipeline.bench import TARGETS, ImageOnly, format_table, measure
+from pipeline.bench import TARGETS, ImageOnly, ImageOnlyProbabilities, format_table, measure
 from pipeline.io import write_json
 from tests.test_attribution_occlusion import captum_occlusion, sensitive_model
 
@@ -89,7 +89,7 @@ def test_measure_reports_every_key_and_agrees_with_captum(tmp_path):
     family = explain(model, images, tokens, ["gradcam", "guided_backprop", "guided_gradcam"])
     expected = {
         "gradcam": LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=True)[:, 0],
-        "guided_backprop": GuidedBackprop(wrapper).attribute(images, target=target),
+        "guided_backprop": GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=target),
         "guided_gradcam": GuidedGradCam(wrapper, conv).attribute(images, target=target,
                                                                  interpolate_mode="bilinear"),
     }

@@ -104,6 +104,8 @@ def test_stage_writes_the_table_and_its_features(explained_world, tmp_path):
     csv = tmp_path / "reports" / "tables" / "failure_prediction.csv"
     table = pd.read_csv(csv, keep_default_na=False)
     sets = list(cfg.evaluation.failure_prediction.feature_sets)
+    # Goyal et al. 4.2's row (the flip count alone) is in the default table.
+    assert list(cfg.evaluation.failure_prediction.feature_sets["flip_count"]) == ["flip_count"]
     # the columns the report and readers use, written out: renaming or dropping one fails here
     assert list(table.columns) == ["model", "features", "n", "wrong", "no_label", "invalid",
                                    "majority_accuracy", "cv_accuracy", "balanced_accuracy", "roc_auc",
@@ -130,6 +132,8 @@ def test_stage_writes_the_table_and_its_features(explained_world, tmp_path):
             assert row["image_drop_max"] == pytest.approx(float(arrays["image_map_raw"][i].astype(float).max()))
             assert row["question_drop_mean"] == pytest.approx(float(arrays["question_map"][i, :words].mean()))
             assert row["total_flips"] == arrays["extra/image_flips"][i].sum() + arrays["extra/question_flips"][i].sum()
+            # The paper's feature: the number of answer changes, patches and words together.
+            assert row["flip_count"] == arrays["extra/image_flips"][i].sum() + arrays["extra/question_flips"][i].sum()
         labelled = [q for q in questions if q["correct"] is not None]
         rows = result["table"][result["table"].model == model]
         for row in rows.itertuples():

@@ -245,18 +245,21 @@ def test_sweep_table_full_width_is_gradcam_and_matches_a_scipy_loop(stage_run):
     table = read(cfg, "gating_sweep")
     truth = inputs.ground_truth_questions(cfg, "val")
     # The gate sizes written out from the config (conf/evaluation/default.yaml
-    # gating_study.sweep.top_n = [1, 2, 5, 10, 20, 50, 100, full]) and the fusion widths of
-    # conf/model/*.yaml (arch.joint: LSTM-CNN 1024, MLB 256); `full` is the width.
-    expected_sizes = {"lstm_cnn": [1, 2, 5, 10, 20, 50, 100, 1024],
-                      "mlb": [1, 2, 5, 10, 20, 50, 100, 256]}
-    assert list(cfg.evaluation.gating_study.sweep.top_n) == [1, 2, 5, 10, 20, 50, 100, "full"]
+    # gating_study.sweep.top_n: 1, 2, 5 and Ummettuguli's 10 ... 1000, full) and the fusion
+    # widths of conf/model/*.yaml (arch.joint: LSTM-CNN 1024, MLB 256); `full` is the width and
+    # sizes above it are capped at it.
+    paper = [10, 15, 20, 25, 30, 35, 40, 45, 50, 100, 200, 300, 400, 500, 750, 1000]
+    expected_sizes = {"lstm_cnn": [1, 2, 5, *paper, 1024],
+                      "mlb": [1, 2, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 100, 200, 256]}
+    assert list(cfg.evaluation.gating_study.sweep.top_n) == [1, 2, 5, *paper, "full"]
     for model in MODELS:
         t = table[table["model"] == model]
         width = int(metrics["models"][model]["fusion_width"])
         assert width == expected_sizes[model][-1]
         assert sorted(set(t.loc[t["method"] == "gated_gradcam", "top_n"])) == expected_sizes[model]
         reference = t[t["method"] == "gradcam"].set_index("measure")
-        full = t[(t["method"] == "gated_gradcam") & (t["top_n"] == width)].set_index("measure")
+        full = t[(t["method"] == "gated_gradcam") & (t["top_n"] == width)
+                 & (t["measure"] != "change_from_previous")].set_index("measure")
         assert full["full_width"].all()
         assert list(full.index) == list(reference.index)
         # Counts are exact; the Spearman summaries of maps equal to float rounding agree to 1e-4
@@ -363,3 +366,40 @@ def test_stage_logs_to_wandb_offline_once(explained_world, tmp_path, monkeypatch
     assert kwargs["summary"]["mlb/same_answer_pairs/spearman"] == pytest.approx(
         metrics["models"]["mlb"]["score_correlation"]["same_answer_pairs/spearman"])
     assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+
+
+def test_sweep_includes_the_papers_gate_sizes_and_where_the_map_changes_most(stage_run):
+    """Ummettuguli sweeps n = 10 ... 1024 (Figs. 28-77); the default sweep holds those sizes,
+    and the change of the map from one size to the next (1 - Spearman) is measured per question
+    and recomputed here from explain() and scipy for the largest change the stage reports."""
+    cfg, metrics = stage_run
+    paper = [10, 15, 20, 25, 30, 35, 40, 45, 50, 100, 200, 300, 400, 500, 750, 1000]
+    requested = list(cfg.evaluation.gating_study.sweep.top_n)
+    assert all(n in requested for n in paper) and "full" in requested
+    table = read(cfg, "gating_sweep")
+    truth = inputs.ground_truth_questions(cfg, "val")
+    qids = [q for pair in truth["pairs"] for q in pair]
+    for model in MODELS:
+        t = table[(table["model"] == model) & (table["method"] == "gated_gradcam")]
+        sizes = sorted(set(t["top_n"]))
+        width = int(metrics["models"][model]["fusion_width"])
+        assert sizes[-1] == width and all(min(n, width) in sizes for n in paper)
+        change = t[t["measure"] == "change_from_previous"].set_index("top_n")
+        assert sorted(change.index) == sizes[1:]          # every size but the smallest
+        assert ((change["mean"] >= 0) & (change["mean"] <= 2)).all()
+        headline = metrics["models"][model]["sweep"]
+        to = int(change["mean"].idxmax())
+        assert headline["largest_change_to"] == to
+        assert headline["largest_change_from"] == sizes[sizes.index(to) - 1]
+        # Recompute that row: maps of explain() at both sizes, Spearman per question.
+        model_obj, images, tokens = model_and_batch(cfg, model, qids)
+        maps = {n: inputs.to_resolution(explain(model_obj, images, tokens, ["gated_gradcam"],
+                                                options={"gated_gradcam": {"top_n": n}})
+                                        ["gated_gradcam"].image_map.detach().numpy(), 16)
+                for n in (headline["largest_change_from"], to)}
+        a, b = maps[headline["largest_change_from"]], maps[to]
+        values = [1 - spearmanr(x.ravel(), y.ravel())[0] for x, y in zip(a, b)]
+        finite = [v for v in values if np.isfinite(v)]
+        assert change.loc[to, "n"] == len(finite)
+        assert change.loc[to, "mean"] == pytest.approx(np.mean(finite), abs=1e-4)
+        assert headline["largest_change"] == pytest.approx(change.loc[to, "mean"], rel=1e-6)

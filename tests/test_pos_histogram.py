@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pipeline import pos_histogram
-from pipeline.data import synthetic
+from pipeline.config import abspath
+from pipeline.data import processed, synthetic
 from pipeline.data.errors import DataError
 from pipeline.data.vocab import tokenize
 from pipeline.evaluation import inputs, pos
@@ -203,6 +204,12 @@ def test_most_important_words_counts_invalid_and_constant_questions():
 # The stage on the explained world
 
 
+PAPER_GROUPS = {"wh-words": {"WDT", "WP", "WP$", "WRB"}, "nouns": {"NN", "NNS", "NNP", "NNPS"},
+                "determiners": {"DT", "PDT"}, "prepositions": {"IN"}, "numbers": {"CD"},
+                "pronouns": {"PRP", "PRP$"}, "verbs": {"VB*"}, "adjectives": {"JJ*"},
+                "adverbs": {"RB*"}}
+
+
 def _plain_recount(index, arrays, method, tagger, tags):
     """P(most important | tag) by a plain loop, independent of the stage's helpers."""
     importance = arrays["question_map"].astype(np.float64)
@@ -227,24 +234,56 @@ def _plain_recount(index, arrays, method, tagger, tags):
     return {t: (tokens_with_tag[t], winners_with_tag[t]) for t in tags}
 
 
+def split_with_unexplained_questions(cfg, tmp_path):
+    """A copy of the processed data whose validation split also holds questions that were not
+    explained (number-heavy ones), so the split's tag order differs from the explained subset's."""
+    source = abspath(cfg.paths.processed_dir)
+    target = tmp_path / "processed"
+    shutil.copytree(source, target)
+    path = processed.questions_file(target, "val")
+    payload = json.loads(path.read_text())
+    extra = [{**r, "question_id": r["question_id"] + 10_000_000,
+              "tokens": ["how", "many", "two", "three", "four", "five", "six", "seven"]}
+             for r in payload["records"]]
+    payload["records"] = payload["records"] + extra
+    path.write_text(json.dumps(payload))
+    return target
+
+
 def test_stage_matches_a_plain_recount(explained_world, tmp_path):
     reports = tmp_path / "reports"
+    base = evaluation_config(explained_world)
     cfg = evaluation_config(explained_world, "evaluation.pos_histogram.tagger=textblob",
-                            "evaluation.bootstrap.samples=200", f"paths.reports_dir={reports}")
+                            "evaluation.bootstrap.samples=200", f"paths.reports_dir={reports}",
+                            f"paths.processed_dir={split_with_unexplained_questions(base, tmp_path)}")
     result = pos_histogram.run(cfg)
-    table = pd.read_csv(reports / "tables" / "pos_histogram.csv")
+    table = pd.read_csv(reports / "tables" / "pos_histogram_by_tag.csv")
+    grouped = pd.read_csv(reports / "tables" / "pos_histogram.csv")
     # the columns the report and readers use, written out: renaming or dropping one fails here
     assert list(table.columns) == ["model", "method", "tagger", "tag", "group", "tag_count",
                                    "most_important", "p_most_important"]
+    assert list(grouped.columns) == ["model", "method", "tagger", "category", "tags", "tag_count",
+                                     "most_important", "p_most_important"]
     assert set(table.method) == {"guided_backprop", "occlusion", "hadamard", "integrated_gradients"}
     tagger = pos.make_tagger("textblob")
-    assert (table.tagger == tagger.name).all()
+    assert (table.tagger == tagger.name).all() and (grouped.tagger == tagger.name).all()
+    # Fig. 3: the 15 most frequent tags of the whole validation split, not of the explained subset
+    split = processed.load_question_table(abspath(cfg.paths.processed_dir), "val")
     for model in ("lstm_cnn", "mlb"):
         index = inputs.load_store(cfg, model)
-        # tags by frequency over every token of every question, ties alphabetical
+        assert len(split) == 2 * len(index["questions"])
         width = inputs.load_method(cfg, model, "occlusion")["question_map"].shape[1]
-        frequency = Counter(t for q in index["questions"] for t in tagger.tag(q["tokens"][:width]))
+        frequency = Counter(t for q in split for t in tagger.tag(q["tokens"][:width]))
         expected_order = sorted(frequency, key=lambda t: (-frequency[t], t))[:15]
+        explained = Counter(t for q in index["questions"] for t in tagger.tag(q["tokens"][:width]))
+        assert expected_order != sorted(explained, key=lambda t: (-explained[t], t))[:15]
+        # Goyal et al.'s grouping (WDT, WP, WRB -> wh-words, ...), written out; a tag of no
+        # group is its own category.
+        def category(tag):
+            for name, members in PAPER_GROUPS.items():
+                if tag in members or any(m.endswith("*") and tag.startswith(m[:-1]) for m in members):
+                    return name
+            return tag
         for method in ("guided_backprop", "occlusion", "hadamard", "integrated_gradients"):
             rows = table[(table.model == model) & (table.method == method)]
             assert rows.tag.tolist() == expected_order
@@ -257,6 +296,20 @@ def test_stage_matches_a_plain_recount(explained_world, tmp_path):
                 assert row.p_most_important == pytest.approx(expected, rel=1e-5, nan_ok=True)  # CSV: 6 digits
                 assert row.group == pos.tag_group(row.tag)
             assert rows.most_important.sum() <= len(index["questions"])
+            # Categories: sums over their tags, ordered by the tags' frequency on the split.
+            members = {}
+            for tag in expected_order:
+                members.setdefault(category(tag), []).append(tag)
+            order = sorted(members, key=lambda c: (-sum(frequency[t] for t in members[c]), c))
+            cats = grouped[(grouped.model == model) & (grouped.method == method)]
+            assert cats.category.tolist() == order
+            for row in cats.itertuples():
+                assert row.tags.split() == members[row.category]
+                count = sum(recount[t][0] for t in members[row.category])
+                winners = sum(recount[t][1] for t in members[row.category])
+                assert (row.tag_count, row.most_important) == (count, winners)
+                assert row.p_most_important == pytest.approx(
+                    winners / count if count else np.nan, rel=1e-5, nan_ok=True)
 
     truth = pd.read_csv(reports / "tables" / "pos_ground_truth.csv")
     assert len(truth) == 8
@@ -339,14 +392,13 @@ def test_stage_uses_nltk_when_its_data_is_there(explained_world, fake_nltk_data,
     assert metrics["tagger"] == nltk_tagger.name
     # The tags in the table are the NLTK model's: a subset of the classes it was trained on,
     # in frequency order over the model's questions as tagged by NLTK.
-    table = pd.read_csv(reports / "tables" / "pos_histogram.csv")
+    table = pd.read_csv(reports / "tables" / "pos_histogram_by_tag.csv")
     classes = {t for _, tags in NLTK_TRAINING for t in tags.split()}
     assert set(table.tag) <= classes
+    split = processed.load_question_table(abspath(cfg.paths.processed_dir), "val")
     for model in ("lstm_cnn", "mlb"):
-        index = inputs.load_store(cfg, model)
         width = inputs.load_method(cfg, model, "occlusion")["question_map"].shape[1]
-        frequency = Counter(t for q in index["questions"]
-                            for t in nltk_tagger.tag(q["tokens"][:width]))
+        frequency = Counter(t for q in split for t in nltk_tagger.tag(q["tokens"][:width]))
         expected_order = sorted(frequency, key=lambda t: (-frequency[t], t))[:15]
         rows = table[(table.model == model) & (table.method == "occlusion")]
         assert rows.tag.tolist() == expected_order

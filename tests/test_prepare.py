@@ -243,11 +243,6 @@ def test_truncated_jpeg_stops_naming_the_file(tmp_path, vqa_root, trained_world)
     assert e.value.path == str(bad)
 
 
-@pytest.mark.xfail(strict=True, raises=DataError, reason=(
-    "prepare's image check (vqa_format.check_image: Image.verify) reads a JPEG's structure, not "
-    "its pixels, so a truncated JPEG passes prepare with data.on_error=skip and extract_features, "
-    "which has no skip policy, then stops on it. Remove this marker once such an image is skipped "
-    "and recorded (e.g. check_image also decodes the image)."))
 def test_truncated_jpeg_is_skipped_and_recorded(tmp_path, vqa_root, trained_world):
     from pipeline import extract_features
 

@@ -225,8 +225,8 @@ def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, t
     table = pd.read_csv(csv_a, keep_default_na=False)
     # the columns the report and readers use, written out: renaming or dropping one fails here
     assert list(table.columns) == ["model", "method", "reference", "n", "mean", "ci_low", "ci_high",
-                                   "constant", "ties", "no_reference_map", "invalid",
-                                   "constant_reference", "beats_random"]
+                                   "mean_all_questions", "constant", "ties", "no_reference_map",
+                                   "invalid", "constant_reference", "beats_random"]
     assert (tmp_path / "a" / "reports" / "figures" / "rank_correlation.png").stat().st_size > 1000
     md = (tmp_path / "a" / "reports" / "tables" / "rank_correlation.md").read_text()
     assert "95% CI" in md and "no reference map" in md
@@ -350,11 +350,6 @@ def test_offline_wandb_run_holds_the_summary_and_figures(explained_world, tmp_pa
         assert (run["dir"] / "files" / match[0]["path"]).stat().st_size > 1000
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "log_to_wandb (pipeline/evaluation/outputs.py) logs tables and figures under the same keys "
-    "f'{stage}/{name}': rank_correlation's figures share their tables' names, so the images "
-    "replace the tables and no table reaches wandb (likewise failure_prediction, sanity_check, "
-    "gating_sweep, pos_histogram). Remove this marker once tables and figures get distinct keys."))
 def test_offline_wandb_run_holds_both_tables(explained_world, tmp_path, monkeypatch):
     from tests.wandb_records import logged_tables
 
@@ -382,3 +377,29 @@ def test_stage_logs_its_table_and_figure_once(explained_world, tmp_path, monkeyp
     assert kwargs["figures"]["rank_correlation"].is_file()
     assert kwargs["summary"]["lstm_cnn/random/human"] == pytest.approx(
         result["table"].query("model == 'lstm_cnn' and method == 'random' and reference == 'human'")["mean"].iloc[0])
+
+
+def test_all_questions_mean_scores_undefined_rho_as_zero():
+    """Goyal et al. average over all VQA-HAT pairs; a constant map has no rank correlation and
+    scores 0 there. Checked against a plain loop over per-question scores."""
+    rng = np.random.default_rng(3)
+    maps = rng.random((6, 4, 4))
+    maps[1] = 0.5                       # constant map
+    references = {q: rng.random((2, 4, 4)) for q in range(6)}
+    references[4] = np.ones((1, 4, 4))  # constant reference
+    del references[5]                   # no reference: not a question of either mean
+    rho, counts = rank_correlation.score_maps(maps, np.ones(6, bool), list(range(6)), references)
+    row = pd.DataFrame([{"n": int(np.isfinite(rho).sum()), "mean": float(np.nanmean(rho)), **counts}])
+    by_loop = []
+    for q in range(5):                  # every question with a map and a reference
+        per_annotator = [spearmanr(maps[q].ravel(), r.ravel())[0] for r in references[q]]
+        value = np.nanmean(per_annotator) if np.isfinite(per_annotator).any() else np.nan
+        by_loop.append(0.0 if np.isnan(value) else value)
+    assert counts["constant"] == 1 and counts["constant_reference"] == 1
+    expected = float(np.mean(by_loop))
+    assert rank_correlation.all_questions_mean(row).iloc[0] == pytest.approx(expected, abs=1e-12)
+    assert row["mean"].iloc[0] != pytest.approx(expected)   # the two means differ here
+    empty = pd.DataFrame([{"n": 0, "mean": np.nan, "constant": 0, "constant_reference": 0},
+                          {"n": 0, "mean": np.nan, "constant": 2, "constant_reference": 0}])
+    assert np.isnan(rank_correlation.all_questions_mean(empty).iloc[0])
+    assert rank_correlation.all_questions_mean(empty).iloc[1] == 0.0

@@ -56,11 +56,15 @@ def fake_tables() -> dict[str, pd.DataFrame]:
         "rank_correlation": pd.DataFrame(rank_rows),
         "rank_correlation_by_answer_type": pd.DataFrame(by_type_rows),
         "pos_histogram": pd.DataFrame({"model": ["mlb", "mlb"], "method": ["occlusion"] * 2,
-                                       "tagger": [TAGGER] * 2, "tag": ["NN", "WP"], "group": ["nouns", "wh-words"],
-                                       "tag_count": [20, 12], "most_important": [11, 1],
-                                       "p_most_important": [0.55, 0.083]}),
+                                       "tagger": [TAGGER] * 2, "category": ["nouns", "wh-words"],
+                                       "tags": ["NN NNS", "WP WRB"], "tag_count": [26, 15],
+                                       "most_important": [13, 2], "p_most_important": [0.5, 0.133]}),
+        "pos_histogram_by_tag": pd.DataFrame({"model": ["mlb", "mlb"], "method": ["occlusion"] * 2,
+                                              "tagger": [TAGGER] * 2, "tag": ["NN", "WP"],
+                                              "group": ["nouns", "wh-words"], "tag_count": [20, 12],
+                                              "most_important": [11, 1], "p_most_important": [0.55, 0.083]}),
         "pos_ground_truth": pd.DataFrame({"model": ["mlb"], "method": ["occlusion"], "share": [0.71], "chance": [0.3]}),
-        "failure_prediction": pd.DataFrame({"model": ["lstm_cnn", "lstm_cnn"], "feature_set": ["flips", "flips+confidence"],
+        "failure_prediction": pd.DataFrame({"model": ["lstm_cnn", "lstm_cnn"], "feature_set": ["flip_count", "flips+confidence"],
                                             "accuracy": [0.6875, 0.75], "majority": [0.6, 0.6]}),
         "hadamard": pd.DataFrame({"model": ["mlb"], "comparison": ["glimpse 1"], "mean": [0.42]}),
         "gating_top_neurons": pd.DataFrame({"model": ["mlb"] * 60, "rank": list(range(1, 61)),
@@ -133,7 +137,7 @@ def test_readme_has_every_table_figure_and_published_citation(reported, explaine
     assert readme.count(report.NOT_VERIFIED) == 0
     # Our counterparts located in the tables: lstm_cnn occlusion vs human = 0.2, failure 0.6875.
     assert "| rank correlation with human attention: occlusion | 0.200 (lstm_cnn, occlusion vs human)" in readme
-    assert "0.688 (lstm_cnn, flip features)" in readme
+    assert "0.688 (lstm_cnn, flip count alone)" in readme
     assert result["tables_included"] == len(fake_tables()) and result["absent_sections"] == []
 
 
@@ -341,3 +345,19 @@ def test_sample_is_deterministic_and_spread_over_strata():
     assert all(picked[s] >= min(2, sizes[s]) for s in sizes.index)
     assert sample_questions(rows, 12, seed=4, salt="mlb") != sample
     assert len(sample_questions(rows, 1000, seed=3)) == len(rows)
+
+
+def test_largest_map_change_names_the_pair_of_gate_sizes():
+    rows = []
+    for model, means in (("lstm_cnn", {10: 0.1, 25: 0.5, 200: 0.2}), ("mlb", {5: 0.3, 10: 0.05})):
+        sizes = sorted(means)
+        rows.append({"model": model, "method": "gated_gradcam", "top_n": 1, "measure": "own_mask",
+                     "mean": 0.0, "ci_low": 0.0, "ci_high": 0.0})
+        for n in sizes:
+            rows.append({"model": model, "method": "gated_gradcam", "top_n": n,
+                         "measure": "change_from_previous", "mean": means[n],
+                         "ci_low": means[n] - 0.01, "ci_high": means[n] + 0.01})
+    text = report.largest_map_change(pd.DataFrame(rows))
+    assert "lstm_cnn between n = 10 and n = 25 (1 - rho = 0.500 [0.490, 0.510])" in text
+    assert "mlb between n = 1 and n = 5 (1 - rho = 0.300" in text
+    assert report.largest_map_change(pd.DataFrame({"model": ["mlb"], "n": [10]})) == ""

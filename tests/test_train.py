@@ -102,11 +102,6 @@ def separate_outputs(world, root, name):
             f"backbone.weights={world}/models/backbone/scene_resnet.pt"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "resume is not exact yet: the training DataLoader's shuffle generator is re-seeded when the "
-    "resumed run builds its loader (pipeline/data/datamodule.py), so the first epoch after the "
-    "resume repeats epoch 0's order, and the torch RNG (dropout) is not restored from last.ckpt. "
-    "Remove this marker once both are fixed (strict: an unexpected pass fails the suite)."))
 def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(world, tmp_path, monkeypatch):
     """README: an interrupted run resumes from last.ckpt. Same process, same machine, same
     settings: the resumed run must end with exactly the weights of a run that was never

@@ -51,6 +51,24 @@ METHODS: dict[str, MethodFn] = {}
 # where freed buffers are reused by the next batch).
 REUSES_SHARED_GRAPH: set[str] = set()
 
+SCORES = ("logit", "probability")
+# The score a method differentiates, as its paper defines it (docs/fidelity.md): Goyal et al.
+# take "the probability of predicted answer" for guided backprop (section 3); Grad-CAM the score
+# before the softmax (Eq. 1), and so do its variants; methods not listed take the logit.
+PAPER_SCORES = {"guided_backprop": "probability"}
+DEFAULT_SCORE = "logit"
+
+
+def method_score(options: dict, method: str | None) -> str:
+    """The score ``method`` differentiates: its own ``options[method]["score"]``, else a global
+    ``options["score"]`` (one kind forced on every method), else the paper's choice."""
+    own = (options.get(method) or {}).get("score") if method else None
+    kind = own or options.get("score") or PAPER_SCORES.get(method, DEFAULT_SCORE)
+    if kind not in SCORES:
+        raise ValueError(f"attribution score must be one of {SCORES}, got {kind!r}"
+                         + (f" (method {method})" if method else ""))
+    return kind
+
 
 def register(name: str, reuses_shared_graph: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` as method ``name``. ``reuses_shared_graph``: the method differentiates
@@ -112,6 +130,10 @@ class ExplainContext:
         self._cache: dict = {}
         # Unknown (None): keep the shared graph, any method may come back to it.
         self.keep_shared_graph = methods is None or any(m in REUSES_SHARED_GRAPH for m in methods)
+        # Scores the shared guided graph will be differentiated for: its backward keeps the graph
+        # while another score is still to come (one forward serves a logit and a probability).
+        self._scores_to_come = (set(SCORES) if methods is None
+                                else {method_score(self.options, m) for m in methods})
 
     def option(self, method: str, key: str, default):
         return self.options.get(method, {}).get(key, default)
@@ -128,47 +150,61 @@ class ExplainContext:
     def target(self) -> torch.Tensor:
         """The explained answer of each question: given, or the model's prediction."""
         if self._target is None:
-            if "gradient" in self._cache:
-                self._target = self._cache["gradient"][0].logits.argmax(1).detach()
+            if "guided_probe" in self._cache:
+                self._target = self._cache["guided_probe"].logits.argmax(1).detach()
             else:  # a plain forward: methods without gradients need no backward for this
                 with torch.no_grad():
                     self._target = self.model(self.images, self.tokens).argmax(1)
         return self._target
 
-    def score(self, logits: torch.Tensor) -> torch.Tensor:
+    def score(self, logits: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """The target answers' scores, summed over the batch (examples are independent in eval
-        mode, so its gradient holds every example's own gradient). ``score=logit`` (default) is
-        the answer's pre-softmax score, as Grad-CAM uses; ``score=probability`` its softmax."""
-        kind = self.options.get("score", "logit")
+        mode, so its gradient holds every example's own gradient): the answer's logit or its
+        softmax probability, as :func:`method_score` picks for ``method``."""
+        kind = method_score(self.options, method)
         values = logits if kind == "logit" else torch.softmax(logits, dim=1)
-        if kind not in ("logit", "probability"):
-            raise ValueError(f"attribution score must be 'logit' or 'probability', got {kind!r}")
         return values.gather(1, self.target[:, None]).sum()
 
-    def gradient_pass(self) -> tuple[Probe, dict[str, torch.Tensor]]:
-        """One guided forward and one backward of the target score, shared by Grad-CAM, guided
-        backprop and Guided Grad-CAM: gradients at ``image``, ``conv`` and ``q_emb``."""
-        if "gradient" not in self._cache:
+    def guided_probe(self) -> Probe:
+        """The shared forward pass, with guided ReLUs (their backward passes only positive
+        gradient; the forward is the model's own). Methods that only read activations use it."""
+        if "guided_probe" not in self._cache:
             probe = Probe(self.model, self.images, self.tokens, guided=True)
             if self._target is None:
                 self._target = probe.logits.argmax(1).detach()
-            names = [n for n in ("image", "conv", "q_emb") if n in probe]
-            grads = probe.grad(self.score(probe.logits), names, retain_graph=self.keep_shared_graph)
-            self._cache["gradient"] = (probe, dict(zip(names, grads)))
-        return self._cache["gradient"]
+            self._cache["guided_probe"] = probe
+        return self._cache["guided_probe"]
 
-    def plain_conv_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, dy/dA) at the ``conv`` point. Taken from the shared guided pass when no ReLU
-        follows ``conv`` (guided ReLUs then cannot touch it), else from a plain pass."""
-        probe, grads = self.gradient_pass()
+    def gradient_pass(self, method: str | None = None) -> tuple[Probe, dict[str, torch.Tensor]]:
+        """One backward of ``method``'s score (:func:`method_score`) through the shared guided
+        forward: gradients at ``image``, ``conv`` and ``q_emb``. Grad-CAM, guided backprop and
+        Guided Grad-CAM share it; a second score kind costs a second backward, no forward."""
+        kind = method_score(self.options, method)
+        key = ("gradient", kind)
+        if key not in self._cache:
+            probe = self.guided_probe()
+            names = [n for n in ("image", "conv", "q_emb") if n in probe]
+            self._scores_to_come.discard(kind)
+            retain = self.keep_shared_graph or bool(self._scores_to_come)
+            grads = probe.grad(self.score(probe.logits, method), names, retain_graph=retain)
+            self._cache[key] = (probe, dict(zip(names, grads)))
+        return self._cache[key]
+
+    def plain_conv_gradient(self, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, dy/dA) at the ``conv`` point for ``method``'s score. Taken from the shared guided
+        pass when no ReLU follows ``conv`` (guided ReLUs then cannot touch it), else from a
+        plain pass."""
+        probe = self.guided_probe()
         if "conv" not in probe:
             raise NotApplicable("the model has no 'conv' analysis point")
         if not probe.relu_after("conv"):
+            probe, grads = self.gradient_pass(method)
             return probe["conv"], grads["conv"]
-        if "plain_conv" not in self._cache:
+        key = ("plain_conv", method_score(self.options, method))
+        if key not in self._cache:
             plain = Probe(self.model, self.images, self.tokens, guided=False)
-            self._cache["plain_conv"] = (plain["conv"], plain.grad(self.score(plain.logits), ["conv"])[0])
-        return self._cache["plain_conv"]
+            self._cache[key] = (plain["conv"], plain.grad(self.score(plain.logits, method), ["conv"])[0])
+        return self._cache[key]
 
     def inference_backbone(self, fold_batchnorm: bool = True) -> torch.nn.Module:
         """The backbone with every BatchNorm folded into the convolution before it, for passes

@@ -71,6 +71,10 @@ class VQADataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.records: dict[str, list[dict]] = {}
         self.datasets: dict[str, VQAFeatureDataset] = {}
+        # One shuffle generator for the whole fit: each epoch draws its order from it, and its
+        # state travels in the checkpoint (state_dict), so a resumed run continues the sequence
+        # instead of restarting it at epoch 0's order.
+        self.shuffle_generator = torch.Generator().manual_seed(self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         for key in ("train", "val"):
@@ -84,7 +88,17 @@ class VQADataModule(pl.LightningDataModule):
     def _loader(self, key: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.datasets[key], batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+                          generator=self.shuffle_generator if shuffle else None)
+
+    def state_dict(self) -> dict:
+        """Saved by Lightning in every checkpoint."""
+        return {"shuffle_generator": self.shuffle_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restored by Lightning on resume (in place: a loader already holding the generator
+        continues from the restored state)."""
+        if "shuffle_generator" in state:
+            self.shuffle_generator.set_state(state["shuffle_generator"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -99,9 +99,11 @@ def log_to_wandb(cfg, stage: str, tables: dict[str, pd.DataFrame] | None = None,
                      name=stage, dir=str(abspath(cfg.logger.dir)), reinit="finish_previous",
                      settings=wandb.Settings(silent=True))
     try:
-        payload = {f"{stage}/{name}": wandb.Table(dataframe=_typed_for_wandb(df))
+        # Tables and figures under keys of their own: a stage's figure often shares its table's
+        # name, and one key would keep only the last value logged.
+        payload = {f"{stage}/tables/{name}": wandb.Table(dataframe=_typed_for_wandb(df))
                    for name, df in (tables or {}).items()}
-        payload.update({f"{stage}/{name}": wandb.Image(str(p)) for name, p in (figures or {}).items()})
+        payload.update({f"{stage}/figures/{name}": wandb.Image(str(p)) for name, p in (figures or {}).items()})
         if payload:
             run.log(payload)
         for key, value in (summary or {}).items():

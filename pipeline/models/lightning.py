@@ -72,6 +72,23 @@ class VQALightningModule(pl.LightningModule):
                 self.log(f"val/acc_{key}", sum(values) / len(values), batch_size=len(values),
                          sync_dist=True)
 
+    # torch's random states in the checkpoint, so that a run resumed from last.ckpt draws the
+    # same dropout masks as one never interrupted (Lightning saves none by default; training
+    # draws from no other generator). The shuffle order travels with the datamodule's state
+    # (pipeline.data.datamodule).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:   # a checkpoint written before random states were saved
+            return
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
     def configure_optimizers(self):
         name = self.optim["name"].lower()
         params = [p for p in self.parameters() if p.requires_grad]

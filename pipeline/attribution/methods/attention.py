@@ -10,7 +10,7 @@ from pipeline.attribution.base import Explanation, NotApplicable, register
 
 @register("attention")
 def attention(ctx) -> Explanation:
-    probe, _ = ctx.gradient_pass()  # its forward is shared; attention needs no gradient
+    probe = ctx.guided_probe()  # its forward is shared; attention needs no gradient
     if "alpha" not in probe:
         raise NotApplicable("the model has no attention (no 'alpha' point)")
     if "conv" not in probe or probe["conv"].dim() != 4:

@@ -44,7 +44,7 @@ def cam(ctx) -> Explanation:
     classifier = getattr(ctx.model.backbone, "classifier", None)
     if not isinstance(classifier, nn.Linear):
         raise NotApplicable("CAM needs a global-average-pool classifier head; this backbone has none")
-    probe, _ = ctx.gradient_pass()
+    probe = ctx.guided_probe()
     if "conv" not in probe:
         raise NotApplicable("CAM needs the model's 'conv' analysis point")
     activations = probe["conv"].detach()

@@ -47,7 +47,7 @@ def neuron_scores(F: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @register("gated_gradcam", reuses_shared_graph=True)
 def gated_gradcam(ctx) -> Explanation:
-    probe, _ = ctx.gradient_pass()
+    probe = ctx.guided_probe()
     missing = [n for n in ("conv", "q", "F") if n not in probe]
     if missing:
         raise NotApplicable(f"question-gated Grad-CAM needs analysis points {missing}")
@@ -66,7 +66,7 @@ def gated_gradcam(ctx) -> Explanation:
     top, top_values = order[:, :n], values[:, :n]
     mask = torch.zeros_like(F).scatter_(1, top, 1.0)
 
-    grad_F, = probe.grad(ctx.score(probe.logits), ["F"])
+    grad_F, = probe.grad(ctx.score(probe.logits, "gated_gradcam"), ["F"])
     grad_conv, = probe.grad(F, ["conv"], grad_outputs=grad_F * mask)
     cam = gradcam_map(conv, grad_conv).detach()
     return Explanation("gated_gradcam", image_map=ctx.upsample(cam), image_map_raw=cam,

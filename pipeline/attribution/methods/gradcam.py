@@ -20,6 +20,6 @@ def gradcam_map(activations: torch.Tensor, gradients: torch.Tensor, relu: bool =
 
 @register("gradcam")
 def gradcam(ctx) -> Explanation:
-    activations, gradients = ctx.plain_conv_gradient()
+    activations, gradients = ctx.plain_conv_gradient("gradcam")
     cam = gradcam_map(activations, gradients).detach()
     return Explanation("gradcam", image_map=ctx.upsample(cam), image_map_raw=cam)

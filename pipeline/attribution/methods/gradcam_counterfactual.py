@@ -12,6 +12,6 @@ NAME = "gradcam_counterfactual"
 
 @register(NAME)
 def gradcam_counterfactual(ctx) -> Explanation:
-    activations, gradients = ctx.plain_conv_gradient()  # the pass Grad-CAM reads: no extra cost
+    activations, gradients = ctx.plain_conv_gradient("gradcam_counterfactual")  # the pass Grad-CAM reads: no extra cost
     cam = gradcam_map(activations, -gradients).detach()
     return Explanation(NAME, image_map=ctx.upsample(cam), image_map_raw=cam)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.attribution.base import Explanation, register
+from pipeline.attribution.base import Explanation, register, method_score
 from pipeline.models.analysis import analysis_points
 
 NAME = "integrated_gradients"
@@ -62,9 +62,7 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
 
 def _target_scores(ctx, logits: torch.Tensor) -> torch.Tensor:
     """Per example, the score that ``ctx.score`` sums over the batch (the same ``score`` kind)."""
-    kind = ctx.options.get("score", "logit")
-    if kind not in ("logit", "probability"):
-        raise ValueError(f"attribution score must be 'logit' or 'probability', got {kind!r}")
+    kind = method_score(ctx.options, "integrated_gradients")
     values = logits if kind == "logit" else torch.softmax(logits, dim=1)
     return values.gather(1, ctx.target[:, None])[:, 0]
 
@@ -81,7 +79,7 @@ def _integrate(ctx, run, x: torch.Tensor, baseline: torch.Tensor, alphas, weight
         z = torch.cat([baseline + alpha * diff for alpha in a]).requires_grad_(True)
         with torch.enable_grad():
             logits = run(z, len(a)).unflatten(0, (len(a), batch))
-            score = sum(ctx.score(step) for step in logits)  # examples are independent
+            score = sum(ctx.score(step, "integrated_gradients") for step in logits)  # examples are independent
             grad, = torch.autograd.grad(score, z)
         step_weights = torch.tensor(w, dtype=grad.dtype, device=grad.device)
         total += (grad.unflatten(0, (len(a), batch))

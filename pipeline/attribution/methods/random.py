@@ -24,7 +24,7 @@ def _row_seed(seed: int, tokens: torch.Tensor, image: torch.Tensor) -> int:
 
 @register(NAME)
 def random_map(ctx) -> Explanation:
-    probe, _ = ctx.gradient_pass()  # only for the grid's shape; the forward is shared
+    probe = ctx.guided_probe()  # only for the grid's shape; the forward is shared
     if "conv" not in probe or probe["conv"].dim() != 4:
         raise NotApplicable("the random baseline needs a conv grid (B x K x h x w at 'conv')")
     B, _, h, w = probe["conv"].shape
