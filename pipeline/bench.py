@@ -47,7 +47,11 @@ log = logging.getLogger(__name__)
 GRADIENT_FAMILY = ["gradcam", "guided_backprop", "guided_gradcam"]
 DEFAULTS = {"split": "val", "questions": 12, "repeats": 2, "batch_size": 4, "threads": None,
             "grid": 16, "perturbations_per_eval": [1, 16, 64, 256]}
-# ratio name -> (numerator, denominator, comparison, target)
+# ratio name -> (numerator, denominator, comparison, target). The two gradient-family targets
+# were set when the family took one forward and one backward. Since each method differentiates
+# its paper's score (guided backprop the probability, Grad-CAM the logit), the family takes one
+# forward and two backwards, and on CPU it misses both (measured: 1.82 and 1.73, bench.json).
+# They are kept as they are: met again only if both scores come from one backward.
 TARGETS = {
     "ours_gradient_family/baseline": ("ours_gradient_family", "baseline", "<=", 1.3),
     "captum_three/ours_gradient_family": ("captum_gradient_family", "ours_gradient_family", ">=", 2.0),
