@@ -8,7 +8,8 @@ inputs in one run (median of ``bench.repeats`` runs after one warm-up; milliseco
 
 1. ``baseline``: one forward and one backward of the predicted logit to the pixels (autograd);
 2. ``ours_gradient_family``: ``explain`` with Grad-CAM, guided backprop and Guided Grad-CAM together;
-3. ``captum_gradient_family``: Captum's LayerGradCam, GuidedBackprop and GuidedGradCam, three calls;
+3. ``captum_gradient_family``: Captum's LayerGradCam, GuidedBackprop and GuidedGradCam, three calls
+   (guided backprop on the answer's probability, as ours);
 4. word occlusion: ours = ``explain(methods=["occlusion"])`` with ``modalities=[question]`` (the
    original pass, one backbone pass per distinct image, plus word dropping on its grid);
    Captum = ``Occlusion`` over the word-embedding output (``q_emb``), window (1, E), baseline 0.

@@ -70,6 +70,14 @@ def method_score(options: dict, method: str | None) -> str:
     return kind
 
 
+def answer_scores(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Each example's score of its target answer (B): the logit, or the softmax probability."""
+    if kind not in SCORES:
+        raise ValueError(f"attribution score must be one of {SCORES}, got {kind!r}")
+    values = logits if kind == "logit" else torch.softmax(logits, dim=1)
+    return values.gather(1, target[:, None])[:, 0]
+
+
 def register(name: str, reuses_shared_graph: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Register ``fn`` as method ``name``. ``reuses_shared_graph``: the method differentiates
     the shared gradient pass's probe again (``ctx.gradient_pass()[0].grad(...)``)."""
@@ -161,9 +169,7 @@ class ExplainContext:
         """The target answers' scores, summed over the batch (examples are independent in eval
         mode, so its gradient holds every example's own gradient): the answer's logit or its
         softmax probability, as :func:`method_score` picks for ``method``."""
-        kind = method_score(self.options, method)
-        values = logits if kind == "logit" else torch.softmax(logits, dim=1)
-        return values.gather(1, self.target[:, None]).sum()
+        return answer_scores(logits, self.target, method_score(self.options, method)).sum()
 
     def guided_probe(self) -> Probe:
         """The shared forward pass, with guided ReLUs (their backward passes only positive

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
+from pipeline.attribution.base import answer_scores
 from pipeline.attribution.methods.gradcam import gradcam_map
 from pipeline.attribution.probe import Probe
 from pipeline.evaluation.stats import spearman_rows
@@ -145,10 +146,7 @@ def subsample_pairs(pairs: np.ndarray, limit: int, seed: int) -> np.ndarray:
 def target_scores(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """The explained answers' scores summed over the batch, as ``ExplainContext.score``: the
     logit (``logit``, Grad-CAM's choice) or the softmax probability (``probability``)."""
-    if kind not in ("logit", "probability"):
-        raise ValueError(f"attribution score must be 'logit' or 'probability', got {kind!r}")
-    values = logits if kind == "logit" else torch.softmax(logits, dim=1)
-    return values.gather(1, target[:, None]).sum()
+    return answer_scores(logits, target, kind).sum()
 
 
 def gated_gradcam_sweep(model, images: torch.Tensor, tokens: torch.Tensor,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.attribution.base import Explanation, register, method_score
+from pipeline.attribution.base import Explanation, answer_scores, method_score, register
 from pipeline.models.analysis import analysis_points
 
 NAME = "integrated_gradients"
@@ -62,9 +62,7 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
 
 def _target_scores(ctx, logits: torch.Tensor) -> torch.Tensor:
     """Per example, the score that ``ctx.score`` sums over the batch (the same ``score`` kind)."""
-    kind = method_score(ctx.options, "integrated_gradients")
-    values = logits if kind == "logit" else torch.softmax(logits, dim=1)
-    return values.gather(1, ctx.target[:, None])[:, 0]
+    return answer_scores(logits, ctx.target, method_score(ctx.options, "integrated_gradients"))
 
 
 def _integrate(ctx, run, x: torch.Tensor, baseline: torch.Tensor, alphas, weights,
