@@ -19,11 +19,12 @@ those covered by the question's objects for at least a share ``cell_share``:
 * ``relu_kept``: sum ReLU(L) / sum |L| of the signed map L (the share Eq. 2's ReLU keeps), and
   ``signed_sum``: sum L / sum |L|.
 
-On LSTM-CNN, whose L2-normalised pooled feature makes y^c invariant to scaling the grid,
-Euler's theorem makes the signed map sum to zero on every question (``relu_kept`` = 0.5); the
-argument, and what a mostly negative ``delta`` on counting questions says about Grad-CAM's
-negative rank correlation there, are in docs/evaluation.md ("Evidence slope and Grad-CAM on
-LSTM-CNN").
+On an LSTM-CNN that L2-normalises the grid's spatial mean (``model.arch.image_feature=pooled``,
+not the paper's fc7), y^c is invariant to scaling the grid and Euler's theorem makes the signed
+map sum to zero on every question (``relu_kept`` = 0.5); the paper's fc7 path breaks that
+invariance. The argument, and what a mostly negative ``delta`` on counting questions says about
+Grad-CAM's negative rank correlation there, are in docs/evaluation.md ("Evidence slope and
+Grad-CAM on LSTM-CNN").
 
 The table has one row per model and answer type (and ``all``): ``n`` questions scored,
 ``no_truth`` questions without ground-truth cells (e.g. a count of 0; excluded), the share of
@@ -188,8 +189,9 @@ def run(cfg: DictConfig) -> dict:
                "often its sign agrees with the measured change (`gradcam_agrees`), the mean share "
                "of the signed Grad-CAM map's mass that its ReLU keeps (`relu_kept`) and how often "
                f"the signed map sums to zero (`zero_sum`: |sum| <= {float(e.zero_sum_tolerance):g} "
-               "x sum of |values|; on a model that L2-normalises the pooled image feature it always "
-               "does, by Euler's theorem).\n\n"
+               "x sum of |values|; on a model that L2-normalises the grid's spatial mean it always "
+               "does, by Euler's theorem; through fc6-fc7, as LSTM-CNN reads the image by default, "
+               "it need not).\n\n"
                + markdown_table(table))
     kept = ("n", "score_falls", "peak", "prob_falls", "gradcam_agrees", "relu_kept", "zero_sum")
     metrics = json_safe({f"{r['model']}/{r['answer_type']}": {k: r[k] for k in kept} for r in rows})

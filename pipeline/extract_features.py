@@ -7,7 +7,9 @@
 Reads the processed image lists (``images_<split>.json`` from ``prepare``) and the images under
 ``data.root``; runs ``build_backbone(cfg.backbone)`` in eval mode without autograd; writes one
 :mod:`feature store <pipeline.data.feature_store>` per split into ``${paths.features_dir}/`` and
-``${paths.metrics_dir}/extract_features.json`` (counts, grid shape, bytes on disk).
+``${paths.metrics_dir}/extract_features.json`` (counts, grid shape, what fc7 is, bytes on disk).
+Each store holds the grid, its spatial mean and, when the backbone has fc6/fc7 layers (or, on
+ResNet-152, their pool5 stand-in), the fc7 vector the LSTM-CNN reads.
 
 A killed run resumes where it stopped: rows are checkpointed every ``extract.chunk_rows`` images,
 and a rerun with the same images, backbone weights and prepared data continues from there.
@@ -28,8 +30,8 @@ from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.download import sha256_file
 from pipeline.data.errors import MissingDataError
-from pipeline.data.feature_store import (GRID_FILE, INDEX_FILE, POOLED_FILE, STORE_DTYPE,
-                                         FeatureStoreWriter)
+from pipeline.data.feature_store import (FC7_FILE, GRID_FILE, INDEX_FILE, POOLED_FILE,
+                                         STORE_DTYPE, FeatureStoreWriter)
 from pipeline.data.images import ImageFolderDataset, ImageTransform
 from pipeline.io import write_json
 from pipeline.models.backbones import Backbone, build_backbone
@@ -74,7 +76,8 @@ def extract_split(backbone: Backbone, dataset: ImageFolderDataset, writer: Featu
     with tqdm(total=total, initial=writer.rows_done, desc=desc, unit="img") as progress, \
             torch.inference_mode():
         for _, images in loader:
-            writer.append(backbone(images.to(device, non_blocking=True)))
+            grid = backbone(images.to(device, non_blocking=True))
+            writer.append(grid, backbone.fc7(grid) if writer.fc7_channels else None)
             progress.update(len(images))
     return writer.finish()
 
@@ -103,17 +106,21 @@ def run(cfg: DictConfig) -> dict:
     transform = ImageTransform(backbone.input_size, backbone.mean, backbone.std)
     data_root = abspath(cfg.data.root)
     features_dir = abspath(cfg.paths.features_dir)
+    fc7_channels = backbone.fc7_channels if backbone.fc7_source else None
     log.info("%s on %s: grid %s per image, into %s", backbone.name, device, grid_shape, features_dir)
+    log.info("fc7: %s", backbone.fc7_source or "none (this backbone has no fc6/fc7 layers)")
 
     # Metrics hold no wall-clock time (it is in the log): they must be identical run to run.
     metrics: dict = {"data": cfg.data.name, "backbone": backbone.name,
                      "input_size": backbone.input_size, "grid_shape": list(grid_shape),
+                     "fc7_channels": fc7_channels, "fc7_source": backbone.fc7_source,
                      "dtype": STORE_DTYPE.name, "splits": {}}
     for key in cfg.data.splits:
         images = processed.load_images(processed_dir, key)
         writer = FeatureStoreWriter(features_dir, key, [im["image_id"] for im in images], grid_shape,
                                     identity, backbone.name, backbone.input_size,
-                                    chunk_rows=int(cfg.extract.chunk_rows))
+                                    chunk_rows=int(cfg.extract.chunk_rows),
+                                    fc7_channels=fc7_channels, fc7_source=backbone.fc7_source)
         remaining = ImageFolderDataset(data_root, images[writer.rows_done:], transform)
         start = time.perf_counter()
         directory = extract_split(backbone, remaining, writer, cfg.extract, device,
@@ -125,7 +132,8 @@ def run(cfg: DictConfig) -> dict:
         metrics["splits"][key] = {
             "images": len(images),
             "bytes": sum((directory / name).stat().st_size
-                         for name in (GRID_FILE, POOLED_FILE, INDEX_FILE)),
+                         for name in (GRID_FILE, POOLED_FILE, FC7_FILE, INDEX_FILE)
+                         if (directory / name).is_file()),
         }
     metrics["bytes_total"] = sum(split["bytes"] for split in metrics["splits"].values())
     write_json(abspath(cfg.paths.metrics_dir) / "extract_features.json", metrics)

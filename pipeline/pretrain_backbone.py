@@ -4,7 +4,7 @@
 
 Writes ``${backbone.weights}`` (``models/backbone/scene_resnet.pt``: weights, channels, input
 size, label names) and ``${paths.metrics_dir}/pretrain_backbone.json`` (validation accuracy of
-the presence, count and cell labels per epoch). With ``backbone=resnet152`` there is nothing to train
+the presence, count and cell labels per epoch; then of the fc7 classifier per fc epoch). With ``backbone=resnet152`` there is nothing to train
 (ImageNet weights are used); the stage checks that they are present.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pipeline.io import save_torch, write_json
 from pipeline.models.backbones import SceneResNet, find_resnet152_weights
 from pipeline.models.pretraining import (CELL_LABELS, COUNT_LABELS, NUM_CELL_LABELS,
                                          NUM_LABELS, PRESENCE_LABELS, load_split_tensors,
-                                         pretrain)
+                                         pretrain, pretrain_fc)
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def run(cfg: DictConfig) -> dict:
     root = abspath(cfg.data.root)
     p = cfg.backbone.pretrain
     net = SceneResNet(tuple(cfg.backbone.channels), int(cfg.backbone.input_size), NUM_LABELS,
-                      NUM_CELL_LABELS)
+                      NUM_CELL_LABELS, tuple(cfg.backbone.get("fc", ())),
+                      float(p.get("fc_dropout", 0.5)))
     grid = net.input_size // 16  # four stride-2 stages
     transform = ImageTransform(net.input_size, net.mean, net.std)
     tensors = {}
@@ -54,13 +55,20 @@ def run(cfg: DictConfig) -> dict:
     history = pretrain(net, tensors["train"], tensors["val"], int(p.epochs), int(p.batch_size),
                        float(p.lr), float(p.weight_decay), int(cfg.seed), str(p.get("device", "cpu")),
                        channels_last=bool(cfg.backbone.get("channels_last")))
+    fc_history = []
+    if net.fc is not None:
+        fc_history = pretrain_fc(net, tensors["train"], tensors["val"], int(p.fc_epochs),
+                                 int(p.fc_batch_size), float(p.fc_lr), float(p.weight_decay),
+                                 int(cfg.seed) + 1, str(p.get("device", "cpu")))
     net.cpu()
     save_torch({"state_dict": net.state_dict(), "channels": list(cfg.backbone.channels),
                 "input_size": net.input_size, "num_labels": NUM_LABELS,
                 "num_cell_labels": NUM_CELL_LABELS, "cell_labels": CELL_LABELS,
+                "fc": list(net.fc_widths),
                 "presence_labels": PRESENCE_LABELS, "count_labels": COUNT_LABELS},
                abspath(cfg.backbone.weights))
-    metrics = {"backbone": "scene_resnet", "val": history[-1] if history else {}, "history": history}
+    metrics = {"backbone": "scene_resnet", "val": history[-1] if history else {}, "history": history,
+               "fc_val": fc_history[-1] if fc_history else {}, "fc_history": fc_history}
     write_json(metrics_path, metrics)
     return metrics
 

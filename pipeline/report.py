@@ -410,7 +410,8 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
             "answer) is listed next to failing Grad-CAM variants for comparison. The table below "
             "(stage `evidence_slope`) measures whether the answer's logit falls when the "
             "ground-truth cells' features grow; why that makes Grad-CAM rank the truth lowest, and "
-            "why its signed map sums to zero on LSTM-CNN (Euler's theorem), is explained in "
+            "why its signed map would sum to zero on an LSTM-CNN that normalised the grid's "
+            "spatial mean instead of fc7 (Euler's theorem), is explained in "
             "[docs/evaluation.md](../docs/evaluation.md#evidence-slope-and-grad-cam-on-lstm-cnn).\n\n"
             + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
 

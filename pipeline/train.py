@@ -31,7 +31,7 @@ from pipeline.io import write_json
 from pipeline.models.backbones import build_backbone
 from pipeline.models.checkpoint import model_metadata, save_model, trained_model_path, train_metrics_path
 from pipeline.models.lightning import ANSWER_TYPE_KEYS, VQALightningModule
-from pipeline.models.vqa_model import VQAModel
+from pipeline.models.vqa_model import VQAModel, head_feature_kind
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def run(cfg: DictConfig) -> dict:
     optim = OmegaConf.to_container(cfg.model.optim, resolve=True)
 
     val_records = processed.load_question_table(processed_dir, "val")
-    module = VQALightningModule(metadata, optim, backbone.grid_channels,
+    feature_kind = head_feature_kind(str(cfg.model.name), metadata["model"]["arch"])
+    module = VQALightningModule(metadata, optim, backbone.feature_channels(feature_kind),
                                 val_answers=[r["answers"] for r in val_records],
                                 val_answer_types=[r["answer_type"] for r in val_records])
     datamodule = VQADataModule(processed_dir, abspath(cfg.paths.features_dir), module.head.feature_kind,

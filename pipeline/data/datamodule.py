@@ -18,7 +18,8 @@ from pipeline.data.vocab import AnswerVocab
 
 
 class VQAFeatureDataset(Dataset):
-    """Items: dict(index, features, tokens, scores). ``feature_kind`` is "grid" or "pooled".
+    """Items: dict(index, features, tokens, scores). ``feature_kind`` is "grid", "pooled" or
+    "fc7" (what the head reads; :meth:`FeatureStore.read`).
 
     ``scores`` is the soft target over the answer vocabulary: the official VQA accuracy each
     answer would earn (:func:`pipeline.data.answers.answer_scores`), 0 outside the vocabulary.
@@ -26,8 +27,8 @@ class VQAFeatureDataset(Dataset):
 
     def __init__(self, records: list[dict], store: FeatureStore, feature_kind: str,
                  answer_vocab: AnswerVocab, max_length: int):
-        if feature_kind not in ("grid", "pooled"):
-            raise ValueError(f"feature_kind must be 'grid' or 'pooled', got {feature_kind!r}")
+        if feature_kind not in ("grid", "pooled", "fc7"):
+            raise ValueError(f"feature_kind must be 'grid', 'pooled' or 'fc7', got {feature_kind!r}")
         self.store = store
         self.feature_kind = feature_kind
         self.num_answers = len(answer_vocab)
@@ -47,10 +48,10 @@ class VQAFeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = int(self.rows[index])
-        read = self.store.grid if self.feature_kind == "grid" else self.store.pooled
         scores = torch.zeros(self.num_answers)
         scores[self.answer_columns[index]] = self.answer_values[index]
-        return {"index": index, "features": read([row])[0], "tokens": self.tokens[index],
+        return {"index": index, "features": self.store.read(self.feature_kind, [row])[0],
+                "tokens": self.tokens[index],
                 "scores": scores}
 
 

@@ -6,8 +6,11 @@ instead of running the CNN every epoch. Layout (written by ``python -m pipeline.
     <features_dir>/<split_key>/grid.npy     N x C x h x w float16, the ``conv`` grid of each image
     <features_dir>/<split_key>/pooled.npy   N x C float16, the grid's spatial mean (computed in
                                             float32 before the cast; not L2-normalised: models do it)
+    <features_dir>/<split_key>/fc7.npy      N x D float16, the backbone's fc7 of the grid (when it
+                                            has one; computed from the float32 grid)
     <features_dir>/<split_key>/index.json   {"image_ids": [...row order...], "backbone", "input_size",
-                                            "grid_shape": [C, h, w], "dtype": "float16"}
+                                            "grid_shape": [C, h, w], "dtype": "float16",
+                                            "fc7_channels": D or null, "fc7_source": what fc7 is}
 
 Both arrays are real ``.npy`` files (``np.load(path, mmap_mode="r")`` reads them).
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 GRID_FILE = "grid.npy"
 POOLED_FILE = "pooled.npy"
+FC7_FILE = "fc7.npy"
 INDEX_FILE = "index.json"
 PROGRESS_FILE = "progress.json"
 PARTIAL_SUFFIX = ".partial"
@@ -126,7 +130,10 @@ class FeatureStore:
                 "data=, backbone= and paths.root settings first", directory)
         index = read_json(directory / INDEX_FILE)
         n, grid_shape = len(index["image_ids"]), tuple(index["grid_shape"])
-        for name, shape in ((GRID_FILE, (n, *grid_shape)), (POOLED_FILE, (n, grid_shape[0]))):
+        arrays = [(GRID_FILE, (n, *grid_shape)), (POOLED_FILE, (n, grid_shape[0]))]
+        if index.get("fc7_channels"):
+            arrays.append((FC7_FILE, (n, int(index["fc7_channels"]))))
+        for name, shape in arrays:
             if not _npy_matches(directory / name, shape):
                 raise MissingDataError(
                     f"{name} is missing or is not a float16 array of shape {shape} as index.json "
@@ -166,6 +173,23 @@ class FeatureStore:
     def pooled(self, rows: Rows) -> torch.Tensor:
         """Pooled features as float32: C for one row, B x C for a sequence."""
         return self._read(POOLED_FILE, rows)
+
+    def fc7(self, rows: Rows) -> torch.Tensor:
+        """fc7 features as float32: D for one row, B x D for a sequence."""
+        if not self.index.get("fc7_channels"):
+            raise MissingDataError(
+                f"these features have no fc7 (backbone {self.backbone} without fc6/fc7 layers): "
+                "pretrain the backbone with backbone.fc=[fc6,fc7] and rerun "
+                f"`{EXTRACT_COMMAND}`, or train with model.arch.image_feature=pooled",
+                self.directory)
+        return self._read(FC7_FILE, rows)
+
+    def read(self, kind: str, rows: Rows) -> torch.Tensor:
+        """Rows of ``grid``, ``pooled`` or ``fc7``."""
+        readers = {"grid": self.grid, "pooled": self.pooled, "fc7": self.fc7}
+        if kind not in readers:
+            raise ValueError(f"unknown feature kind {kind!r}; known: {sorted(readers)}")
+        return readers[kind](rows)
 
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         index = np.asarray(rows, dtype=np.int64)
@@ -208,7 +232,8 @@ class FeatureStoreWriter:
 
     def __init__(self, features_dir: str | os.PathLike, split_key: str, image_ids: Sequence,
                  grid_shape: Sequence[int], config: dict, backbone: str, input_size: int,
-                 chunk_rows: int = 256):
+                 chunk_rows: int = 256, fc7_channels: int | None = None,
+                 fc7_source: str | None = None):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         self.final_dir = store_dir(features_dir, split_key)
@@ -219,15 +244,19 @@ class FeatureStoreWriter:
         self.backbone = backbone
         self.input_size = int(input_size)
         self.chunk_rows = int(chunk_rows)
-        self._grid: np.memmap | None = None
-        self._pooled: np.memmap | None = None
+        self.fc7_channels = int(fc7_channels) if fc7_channels else None
+        self.fc7_source = fc7_source
+        self._arrays: dict[str, np.memmap] | None = None
         self.rows_done = self._resume_or_start()
         self.rows_written = self.rows_done
 
     @property
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         n = len(self.image_ids)
-        return {GRID_FILE: (n, *self.grid_shape), POOLED_FILE: (n, self.grid_shape[0])}
+        shapes = {GRID_FILE: (n, *self.grid_shape), POOLED_FILE: (n, self.grid_shape[0])}
+        if self.fc7_channels:
+            shapes[FC7_FILE] = (n, self.fc7_channels)
+        return shapes
 
     def _resume_or_start(self) -> int:
         """Rows already on disk from an interrupted run with the same inputs, else 0 (after
@@ -254,31 +283,43 @@ class FeatureStoreWriter:
                                       shape=shape)
         return 0
 
-    def append(self, grid: torch.Tensor | np.ndarray) -> None:
-        """Store the grids (B x C x h x w, any float dtype) of the next B images."""
+    def append(self, grid: torch.Tensor | np.ndarray,
+               fc7: torch.Tensor | np.ndarray | None = None) -> None:
+        """Store the grids (B x C x h x w, any float dtype) of the next B images, and their fc7
+        (B x D) when the store has it."""
         grid = torch.as_tensor(grid).detach().to("cpu", torch.float32)
         if tuple(grid.shape[1:]) != self.grid_shape:
             raise ValueError(f"grid of shape {tuple(grid.shape[1:])} does not match the store's "
                              f"{self.grid_shape}")
+        if (fc7 is None) != (self.fc7_channels is None):
+            raise ValueError("fc7 rows must be given exactly when the store has fc7 "
+                             f"(fc7_channels={self.fc7_channels})")
         start, end = self.rows_written, self.rows_written + grid.shape[0]
         if end > len(self.image_ids):
             raise ValueError(f"{end} rows appended to a store of {len(self.image_ids)} images")
-        if self._grid is None:
-            self._grid = np.lib.format.open_memmap(self.partial_dir / GRID_FILE, mode="r+")
-            self._pooled = np.lib.format.open_memmap(self.partial_dir / POOLED_FILE, mode="r+")
-        self._grid[start:end] = grid.numpy()
+        if fc7 is not None:
+            fc7 = torch.as_tensor(fc7).detach().to("cpu", torch.float32)
+            if tuple(fc7.shape) != (grid.shape[0], self.fc7_channels):
+                raise ValueError(f"fc7 of shape {tuple(fc7.shape)} does not match "
+                                 f"{(grid.shape[0], self.fc7_channels)}")
+        if self._arrays is None:
+            self._arrays = {name: np.lib.format.open_memmap(self.partial_dir / name, mode="r+")
+                            for name in self._shapes}
+        self._arrays[GRID_FILE][start:end] = grid.numpy()
         # Pooled from the float32 grid, not from its float16 copy.
-        self._pooled[start:end] = grid.mean(dim=(2, 3)).numpy()
+        self._arrays[POOLED_FILE][start:end] = grid.mean(dim=(2, 3)).numpy()
+        if fc7 is not None:
+            self._arrays[FC7_FILE][start:end] = fc7.numpy()
         self.rows_written = end
         if self.rows_written - self.rows_done >= self.chunk_rows:
             self._commit()
 
     def _commit(self) -> None:
         """Make the written rows durable, then record them in progress.json."""
-        self._grid.flush()
-        self._pooled.flush()
+        for array in (self._arrays or {}).values():
+            array.flush()
         # Unmapping after each chunk keeps the writer's memory at one chunk for any split size.
-        self._grid = self._pooled = None
+        self._arrays = None
         write_json(self.partial_dir / PROGRESS_FILE, {
             "rows_done": self.rows_written, "image_ids": self.image_ids, "config": self.config,
         }, indent=None)
@@ -297,6 +338,8 @@ class FeatureStoreWriter:
             "input_size": self.input_size,
             "grid_shape": list(self.grid_shape),
             "dtype": STORE_DTYPE.name,
+            "fc7_channels": self.fc7_channels,
+            "fc7_source": self.fc7_source,
         }, indent=None)
         (self.partial_dir / PROGRESS_FILE).unlink(missing_ok=True)
         replace_directory(self.partial_dir, self.final_dir)

@@ -1,12 +1,23 @@
 """Image backbones: frozen convolutional trunks whose last feature map is the ``conv`` analysis
-point (the Grad-CAM layer) and whose spatial mean is the pooled image feature.
+point (the Grad-CAM layer). Each also gives two image vectors computed from that grid:
+
+- ``pooled`` (pool5): the grid's spatial mean;
+- ``fc7``: the vector "Deeper LSTM Q + norm I" reads (Antol et al. 2015; VGG's fc7, 4096-d, after
+  fc6 and fc7 with ReLU, read by the model Goyal et al. explain). It is a function of the grid,
+  so gradients flow from it back to the ``conv`` point and the pixels.
+
+Backbones:
 
 - ``scene_resnet``: a small residual CNN pretrained in the pipeline on the synthetic scenes
   (multi-label presence of shapes, colours and shape-colour pairs through a global-average-pool
-  head, so that CAM is defined for it); the stand-in for ImageNet pretraining.
+  head, so that CAM is defined for it); the stand-in for ImageNet pretraining. Its ``fc`` layers
+  are VGG's fc6 and fc7 in small: fully connected layers with ReLU on the *flattened* grid, as
+  VGG's fc6 reads the flattened pool5, pretrained on the same image-level targets through their
+  own classifier (VGG's fc8).
 - ``resnet152``: torchvision's ResNet-152 with ImageNet weights from the torch hub cache or a
-  file; res5c (14 x 14 x 2048 at 448 x 448) is the grid, as in MLB (Kim et al.). The original
-  LSTM-CNN (Lu et al. 2015, VQA_LSTM_CNN) reads VGG fc7 instead; here it mean-pools this grid.
+  file; res5c (14 x 14 x 2048 at 448 x 448) is the grid, as in MLB (Kim et al.). ResNet has no
+  fc6/fc7: its ``fc7`` is pool5 (the 2048-d spatial mean), the stand-in later reimplementations
+  of the LSTM-CNN use (docs/fidelity.md says what that implies for Grad-CAM).
 """
 from __future__ import annotations
 
@@ -24,14 +35,48 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+IMAGE_VECTORS = ("pooled", "fc7")
+
+
 class Backbone(nn.Module):
-    """A frozen trunk: ``forward(images) -> grid`` (B x C x h x w)."""
+    """A frozen trunk: ``forward(images) -> grid`` (B x C x h x w); ``pooled(grid)`` and
+    ``fc7(grid)`` are the image vectors computed from the grid (module docstring)."""
 
     name: str = ""
     grid_channels: int = 0
     input_size: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # What ``fc7`` computes on this backbone (recorded in the feature store); None: no fc7.
+    fc7_source: str | None = None
+
+    @staticmethod
+    def pooled(grid: torch.Tensor) -> torch.Tensor:
+        """pool5: the grid's spatial mean, B x C."""
+        return grid.mean(dim=(2, 3))
+
+    def fc7(self, grid: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"backbone {self.name} has no fc7 layers")
+
+    @property
+    def fc7_channels(self) -> int:
+        raise NotImplementedError(f"backbone {self.name} has no fc7 layers")
+
+    def image_vector(self, kind: str, grid: torch.Tensor) -> torch.Tensor:
+        """The image vector ``kind`` (``pooled`` or ``fc7``) of a grid."""
+        if kind == "pooled":
+            return self.pooled(grid)
+        if kind == "fc7":
+            return self.fc7(grid)
+        raise ValueError(f"unknown image vector {kind!r}; known: {IMAGE_VECTORS}")
+
+    def feature_channels(self, kind: str) -> int:
+        """Channels of what a head reads: the grid's C (``grid``, ``pooled``) or fc7's width."""
+        if kind in ("grid", "pooled"):
+            return self.grid_channels
+        if kind == "fc7":
+            return self.fc7_channels
+        raise ValueError(f"unknown feature kind {kind!r}; known: grid, {', '.join(IMAGE_VECTORS)}")
 
     def freeze(self) -> "Backbone":
         """Eval mode (BatchNorm uses running statistics) and no parameter gradients. Gradients
@@ -83,12 +128,16 @@ class SceneResNet(Backbone):
     ``classifier`` is the global-average-pool + linear head used for pretraining; CAM
     (Zhou et al. 2016, M_c = sum_k w_k^c A_k) is defined on it. ``cell_classifier`` (1x1 conv)
     names what lies under each grid cell; it only serves pretraining (dense supervision teaches
-    shapes far faster than image-level labels)."""
+    shapes far faster than image-level labels).
+
+    ``fc`` (widths of fc6, fc7; empty for none): ``fc7(grid) = ReLU(W7 ReLU(W6 vec(grid) + b6)
+    + b7)``, VGG's layers with their dropout (active only while they are pretrained);
+    ``fc_classifier`` is their pretraining head (VGG's fc8)."""
 
     name = "scene_resnet"
 
     def __init__(self, channels=(16, 32, 64, 128), input_size: int = 128, num_labels: int = 0,
-                 num_cell_labels: int = 0):
+                 num_cell_labels: int = 0, fc: tuple[int, ...] = (), fc_dropout: float = 0.5):
         super().__init__()
         self.input_size = int(input_size)
         self.grid_channels = int(channels[-1])
@@ -102,6 +151,38 @@ class SceneResNet(Backbone):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(self.grid_channels, num_labels) if num_labels else None
         self.cell_classifier = nn.Conv2d(self.grid_channels, num_cell_labels, 1) if num_cell_labels else None
+        # Created after every convolution so that the trunk's initial weights (and so the
+        # pretrained grid) do not depend on whether fc layers exist.
+        self.fc_widths = tuple(int(w) for w in fc)
+        if len(self.fc_widths) not in (0, 2):
+            raise ValueError(f"backbone.fc holds the widths of fc6 and fc7 (two numbers) or "
+                             f"nothing, got {list(fc)}")
+        if self.fc_widths:
+            cells = (self.input_size // 16) ** 2
+            fc6, fc7 = self.fc_widths
+            # ReLUs are modules so that guided backpropagation passes through them guided.
+            self.fc = nn.Sequential(
+                nn.Flatten(), nn.Linear(self.grid_channels * cells, fc6), nn.ReLU(),
+                nn.Dropout(fc_dropout), nn.Linear(fc6, fc7), nn.ReLU(), nn.Dropout(fc_dropout))
+            self.fc_classifier = nn.Linear(fc7, num_labels) if num_labels else None
+            self.fc7_source = (f"fc6-fc7 ({fc6}, {fc7}) with ReLU on the flattened "
+                               f"{self.grid_channels} x {self.input_size // 16} x "
+                               f"{self.input_size // 16} grid")
+        else:
+            self.fc = self.fc_classifier = None
+
+    def fc7(self, grid: torch.Tensor) -> torch.Tensor:
+        if self.fc is None:
+            raise RuntimeError("this scene_resnet was pretrained without fc6/fc7 layers "
+                               "(backbone.fc=[]): rerun `python -m pipeline.pretrain_backbone` "
+                               "with backbone.fc=[fc6,fc7], or use model.arch.image_feature=pooled")
+        return self.fc(grid)
+
+    @property
+    def fc7_channels(self) -> int:
+        if self.fc is None:
+            return super().fc7_channels
+        return self.fc_widths[1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(images))
@@ -135,6 +216,18 @@ class ResNet152(Backbone):
         self.grid_channels = 2048
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
                                    net.layer1, net.layer2, net.layer3, net.layer4)
+
+    # ResNet has no fc6/fc7 (its only fully connected layer is the ImageNet classifier): pool5
+    # stands in, as in later LSTM-CNN reimplementations on ResNet features. An L2-normalised
+    # pool5 makes the model's score scale-invariant in the grid again (docs/fidelity.md).
+    fc7_source = "pool5 (spatial mean of res5c; ResNet has no fc6/fc7)"
+
+    def fc7(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.pooled(grid)
+
+    @property
+    def fc7_channels(self) -> int:
+        return self.grid_channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.trunk(images)
@@ -178,7 +271,7 @@ def build_backbone(cfg) -> Backbone:
                                     "pretrain_backbone`) first")
         saved = torch.load(path, map_location="cpu", weights_only=True)
         net = SceneResNet(tuple(saved["channels"]), int(saved["input_size"]), int(saved["num_labels"]),
-                          int(saved.get("num_cell_labels", 0)))
+                          int(saved.get("num_cell_labels", 0)), tuple(saved.get("fc", ())))
         net.load_state_dict(saved["state_dict"])
         if net.input_size != int(cfg.input_size):
             raise ValueError(f"{path} was pretrained at {net.input_size}px but backbone.input_size "

@@ -20,7 +20,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.vocab import AnswerVocab, QuestionVocab
 from pipeline.io import save_torch
 from pipeline.models.backbones import ResNet152, SceneResNet, build_backbone
-from pipeline.models.vqa_model import VQAModel, build_head
+from pipeline.models.vqa_model import VQAModel, build_head, head_feature_kind
 
 FORMAT = "vqa-explain/model"
 FORMAT_VERSION = 1
@@ -40,13 +40,16 @@ def model_metadata(model_cfg, backbone_cfg, backbone, question_vocab: QuestionVo
         backbone_meta.update(
             channels=[int(c) for c in _scene_channels(backbone)],
             num_labels=int(backbone.classifier.out_features if backbone.classifier else 0),
-            num_cell_labels=int(backbone.cell_classifier.out_channels if backbone.cell_classifier else 0))
+            num_cell_labels=int(backbone.cell_classifier.out_channels if backbone.cell_classifier else 0),
+            fc=list(backbone.fc_widths))
+    arch = OmegaConf.to_container(model_cfg.arch, resolve=True) if OmegaConf.is_config(
+        model_cfg.arch) else dict(model_cfg.arch)
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "model": {"name": str(model_cfg.name),
-                  "arch": OmegaConf.to_container(model_cfg.arch, resolve=True)
-                  if OmegaConf.is_config(model_cfg.arch) else dict(model_cfg.arch),
+        "model": {"name": str(model_cfg.name), "arch": arch,
+                  # What the head reads (grid, pooled or fc7), so a file says it explicitly.
+                  "feature_kind": head_feature_kind(str(model_cfg.name), arch),
                   "num_answers": len(answer_vocab)},
         "backbone": backbone_meta,
         "question_vocab": list(question_vocab.tokens),
@@ -70,8 +73,12 @@ def save_model(path: str | Path, model: VQAModel, metadata: dict) -> Path:
 
 def _build(meta: dict, head_state: dict, backbone=None) -> VQAModel:
     qv, av = QuestionVocab(list(meta["question_vocab"])), AnswerVocab(list(meta["answer_vocab"]))
-    head = build_head(meta["model"]["name"], meta["model"]["arch"], len(qv), len(av),
-                      backbone.grid_channels)
+    arch = dict(meta["model"]["arch"])
+    if meta["model"]["name"] == "lstm_cnn" and "image_feature" not in arch:
+        # Files written before the fc7 path have no feature_kind: they normalised the pooled grid.
+        arch["image_feature"] = meta["model"].get("feature_kind", "pooled")
+    head = build_head(meta["model"]["name"], arch, len(qv), len(av),
+                      backbone.feature_channels(head_feature_kind(meta["model"]["name"], arch)))
     try:
         head.load_state_dict(head_state)
     except RuntimeError as e:
@@ -85,7 +92,7 @@ def _backbone_from_state(meta: dict, state: dict):
     b = meta["backbone"]
     if b["name"] == "scene_resnet":
         net = SceneResNet(tuple(b["channels"]), int(b["input_size"]), int(b.get("num_labels", 0)),
-                          int(b.get("num_cell_labels", 0)))
+                          int(b.get("num_cell_labels", 0)), tuple(b.get("fc", ())))
     elif b["name"] == "resnet152":
         net = ResNet152(int(b["input_size"]))
     else:

@@ -11,6 +11,10 @@ Targets, read from the world's ground truth (never from the questions):
   colour separately, so that each cell carries the conjunction linearly: the pooled feature
   (a mean over cells) then holds how many "red circles" there are, which the LSTM-CNN needs to
   answer "is there a red circle?" from pooled features alone.
+
+The fc6-fc7 layers (when ``backbone.fc`` is set) are trained second, on the trained trunk's
+frozen grid, through their own classifier (VGG's fc8) on the image-level targets (presence and
+counts), with VGG's dropout: :func:`pretrain_fc`.
 """
 from __future__ import annotations
 
@@ -147,4 +151,72 @@ def pretrain(net: SceneResNet, train, val, epochs: int, batch_size: int, lr: flo
         metrics["epoch"] = epoch + 1
         log.info("pretrain epoch %d: %s", epoch + 1, metrics)
         history.append(metrics)
+    return history
+
+
+@torch.inference_mode()
+def trunk_grids(net: SceneResNet, images: torch.Tensor, batch_size: int = 256,
+                device: str = "cpu") -> torch.Tensor:
+    """The trained trunk's grids of ``images`` (eval mode: BatchNorm running statistics, as
+    every later stage sees them), on the CPU."""
+    net.eval()
+    return torch.cat([net(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)]).contiguous()
+
+
+def fc_loss(net: SceneResNet, grids, presence, counts) -> torch.Tensor:
+    logits = net.fc_classifier(net.fc(grids))
+    n = presence.shape[1]
+    return (nnf.binary_cross_entropy_with_logits(logits[:, :n], presence)
+            + nnf.mse_loss(logits[:, n:], counts))
+
+
+@torch.inference_mode()
+def evaluate_fc(net: SceneResNet, grids, presence, counts) -> dict:
+    """Presence accuracy (per label, and of the colour-shape pairs) and count accuracy of the
+    fc7 classifier."""
+    net.fc.eval()
+    outs = net.fc_classifier(net.fc(grids))
+    n = presence.shape[1]
+    correct = (outs[:, :n] > 0).float() == presence
+    pairs = slice(len(SHAPES) + len(COLORS), n)
+    return {"fc_presence_label_acc": float(correct.float().mean()),
+            "fc_pair_presence_acc": float(correct[:, pairs].float().mean()),
+            "fc_count_acc": float((outs[:, n:].round() == counts).float().mean())}
+
+
+def pretrain_fc(net: SceneResNet, train, val, epochs: int, batch_size: int, lr: float,
+                weight_decay: float, seed: int, device: str = "cpu") -> list[dict]:
+    """Train ``net``'s fc6-fc7 layers and their classifier in place on the frozen trunk's grids
+    (``train``/``val``: images, presence, counts, cell classes as :func:`load_split_tensors`
+    returns them); returns per-epoch validation metrics."""
+    if net.fc is None or net.fc_classifier is None:
+        raise ValueError("this SceneResNet has no fc layers or no fc classifier to pretrain")
+    train_grids = trunk_grids(net, train[0], device=device)
+    val_grids = trunk_grids(net, val[0], device=device)
+    head = torch.nn.Sequential(net.fc, net.fc_classifier).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * ((len(train_grids) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    history = []
+    for epoch in range(epochs):
+        head.train()
+        order = torch.randperm(len(train_grids), generator=generator)
+        for start in tqdm(range(0, len(order), batch_size), desc=f"pretrain fc epoch {epoch + 1}/{epochs}",
+                          unit="batch"):
+            rows = order[start:start + batch_size]
+            loss = fc_loss(net, train_grids[rows].to(device), train[1][rows].to(device),
+                           train[2][rows].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fc pretraining loss is {loss.item()} at epoch {epoch + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+        metrics = evaluate_fc(net, val_grids.to(device), val[1].to(device), val[2].to(device))
+        metrics["epoch"] = epoch + 1
+        log.info("pretrain fc epoch %d: %s", epoch + 1, metrics)
+        history.append(metrics)
+    head.eval()
     return history

@@ -21,10 +21,22 @@ HEADS = {"lstm_cnn": LSTMCNNHead, "mlb": MLBHead}
 
 
 def build_head(name: str, arch: dict, vocab_size: int, num_answers: int, image_channels: int) -> nn.Module:
-    """The head of model ``name`` with the architecture sizes of ``arch`` (model.arch config)."""
+    """The head of model ``name`` with the architecture sizes of ``arch`` (model.arch config);
+    ``image_channels`` is the width of what it reads (:func:`head_feature_kind`)."""
     if name not in HEADS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(HEADS)}")
     return HEADS[name](vocab_size, num_answers, image_channels, **dict(arch))
+
+
+def head_feature_kind(name: str, arch: dict) -> str:
+    """What model ``name`` with ``arch`` reads from the feature store: ``grid``, ``pooled`` or
+    ``fc7`` (``backbone.feature_channels(kind)`` is its width)."""
+    if name not in HEADS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(HEADS)}")
+    head = HEADS[name]
+    # A head whose input depends on its settings says so with feature_kind_of(arch); any other
+    # declares the class attribute feature_kind.
+    return head.feature_kind_of(arch) if hasattr(head, "feature_kind_of") else head.feature_kind
 
 
 class VQAModel(nn.Module):
@@ -40,6 +52,10 @@ class VQAModel(nn.Module):
         self.question_vocab = question_vocab
         self.answer_vocab = answer_vocab
         self.max_question_length = int(max_question_length)
+        if head.feature_kind == "fc7":
+            # The head computes fc7 from the grid with the backbone's own layers. A bound
+            # method, so that a deep copy of the model reads its own copy of the backbone.
+            head.read_grid_with(backbone.fc7)
 
     @property
     def name(self) -> str:
