@@ -137,3 +137,32 @@ def test_each_method_differentiates_its_papers_score(name):
     with pytest.raises(ValueError, match="guided_backprop"):
         explain(model, images, tokens, methods=["guided_backprop"],
                 options={"guided_backprop": {"score": "softmax"}})
+
+
+def test_lstm_cnn_fc7_path_matches_captum_through_the_fc_layers():
+    """The paper's LSTM-CNN reads fc7: Grad-CAM's gradient at `conv` and guided backprop's at the
+    pixels flow back through fc6-fc7 (and their ReLUs), checked against Captum on that path."""
+    model, images, tokens, target = setup("lstm_cnn")
+    assert model.head.feature_kind == "fc7" and model.backbone.fc is not None
+    ran = []
+    model.backbone.fc.register_forward_hook(lambda *a: ran.append(1))
+    maps = explain(model, images, tokens, methods=["gradcam", "guided_backprop", "guided_gradcam"])
+    assert ran, "the end-to-end forward did not go through fc6-fc7"
+    wrapper = ImageOnly(model, tokens)
+    conv = model.analysis_points()["conv"]
+    cam = LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=True)
+    assert cam.abs().sum() > 0  # a map to compare, not all zeros
+    torch.testing.assert_close(maps["gradcam"].image_map_raw, cam[:, 0], rtol=1e-4, atol=1e-6)
+    guided = GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=target)
+    torch.testing.assert_close(maps["guided_backprop"].image_map_raw, guided, rtol=1e-4, atol=1e-7)
+    # fc6-fc7's ReLUs come after `conv`: guided and plain gradients there differ, so Grad-CAM
+    # must not be read from the guided pass.
+    grid = model.backbone(images).detach().requires_grad_(True)
+    plain = torch.autograd.grad(model.head(grid, tokens).gather(1, target[:, None]).sum(), grid)[0]
+    from pipeline.attribution.probe import guided_relus
+    with guided_relus(model):
+        guided_at_conv = torch.autograd.grad(model.head(grid, tokens).gather(1, target[:, None]).sum(), grid)[0]
+    assert not torch.allclose(plain, guided_at_conv)
+    # The fc7 the head computes from the grid is the one extraction stores.
+    torch.testing.assert_close(model.head(model.backbone.fc7(grid.detach()), tokens),
+                               model.head(grid.detach(), tokens))

@@ -102,6 +102,10 @@ def image_matters(model):
                 m.running_var.uniform_(0.5, 2, generator=generator)
                 m.bias.normal_(0, 0.5, generator=generator)
         model.head.image_projection.weight.mul_(5)
+        if getattr(model.backbone, "fc", None) is not None:  # LSTM-CNN's fc6-fc7 path
+            for m in model.backbone.fc.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.mul_(3)
     return model
 
 

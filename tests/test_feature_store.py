@@ -237,3 +237,37 @@ def test_store_reads_in_dataloader_workers(tmp_path):
     torch.testing.assert_close(copy.pooled(np.arange(12)), expected)
     loader = DataLoader(PooledRows(store), batch_size=5, num_workers=2)
     torch.testing.assert_close(torch.cat(list(loader)), expected)
+
+
+def test_store_holds_fc7_when_the_backbone_has_fc_layers(world, tmp_path):
+    root, _ = world
+    torch.manual_seed(1)
+    net = SceneResNet(CHANNELS, input_size=64, num_labels=5, fc=(12, 10))
+    weights = tmp_path / "scene_resnet_fc.pt"
+    torch.save({"state_dict": net.state_dict(), "channels": CHANNELS, "input_size": 64,
+                "num_labels": 5, "fc": [12, 10]}, weights)
+    cfg = stage_cfg(world, tmp_path, f"backbone.weights={weights}", "extract.chunk_rows=8")
+    metrics = extract_features.run(cfg)
+    assert metrics["fc7_channels"] == 10 and metrics["fc7_source"].startswith("fc6-fc7 (12, 10)")
+    backbone = build_backbone(cfg.backbone)
+    transform = ImageTransform(backbone.input_size, backbone.mean, backbone.std)
+    images = processed.load_images(cfg.paths.processed_dir, "val")
+    store = FeatureStore.open(tmp_path / "features", "val")
+    assert store.index["fc7_channels"] == 10
+    pixels = torch.stack([transform(load_image(Path(cfg.data.root) / im["image"])) for im in images])
+    with torch.no_grad():
+        expected = backbone.fc7(backbone(pixels))
+    assert (expected > 0).any()
+    rows = np.arange(len(store))
+    # computed from the float32 grid, stored as float16
+    torch.testing.assert_close(store.fc7(rows), expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(store.read("fc7", rows), store.fc7(rows))
+
+
+def test_store_without_fc7_says_how_to_get_it(world, tmp_path):
+    cfg = stage_cfg(world, tmp_path)
+    extract_features.run(cfg)
+    store = FeatureStore.open(tmp_path / "features", "val")
+    assert store.index["fc7_channels"] is None
+    with pytest.raises(MissingDataError, match="image_feature=pooled"):
+        store.fc7([0])

@@ -137,10 +137,14 @@ def test_stored_neuron_scores_equal_a_plain_autograd_loop(explained_world, tmp_p
 def test_sweep_equals_explain_at_each_gate_size_and_gradcam_at_full_width(explained_world, tmp_path,
                                                                          model_name):
     cfg = stage_config(explained_world, tmp_path)
-    truth = inputs.ground_truth_questions(cfg, "val")
-    assert len(truth["pairs"]) >= 3, "the tiny world needs a few same-answer pairs"
-    qids = [q for pair in truth["pairs"][:3] for q in pair]
+    qids = [r["question_id"] for r in processed.load_question_table(abspath(cfg.paths.processed_dir), "val")]
     model, images, tokens = model_and_batch(cfg, model_name, qids)
+    # Questions whose Grad-CAM map is not all zero (through LSTM-CNN's fc6-fc7 layers a barely
+    # trained model's signed map is often negative everywhere), so the comparison means something.
+    gradcam_maps = explain(model, images, tokens, ["gradcam"])["gradcam"].image_map_raw
+    kept = gradcam_maps.flatten(1).abs().amax(1) > 0
+    assert kept.sum() >= 3, f"only {int(kept.sum())} questions with a non-zero Grad-CAM map"
+    images, tokens = images[kept][:6], tokens[kept][:6]
     width = model.head.classifier.in_features
     full = explain(model, images, tokens, ["gradcam", "gated_gradcam"],
                    options={"gated_gradcam": {"top_n": width}})
@@ -275,8 +279,8 @@ def test_sweep_table_full_width_is_gradcam_and_matches_a_scipy_loop(stage_run):
         maps = explain(model_obj, images, tokens, ["gradcam"])["gradcam"].image_map.detach().numpy()
         small = np.abs(inputs.to_resolution(maps, 16))
         # The full-width maps equal Grad-CAM's to float32 rounding: 1e-5 of the maps' largest
-        # value, computed here from explain(), not by the stage.
-        assert small.max() > 0
+        # value, computed here from explain(), not by the stage (exactly, when every map is zero,
+        # as a barely trained LSTM-CNN's Grad-CAM through fc6-fc7 can be on these few pairs).
         full_difference = metrics["models"][model]["sweep"]["full_width_max_abs_difference_from_gradcam"]
         assert 0.0 <= full_difference <= 1e-5 * small.max(), (full_difference, small.max())
         masks = inputs.ground_truth_maps(cfg, "val", qids, 16)
@@ -290,7 +294,8 @@ def test_sweep_table_full_width_is_gradcam_and_matches_a_scipy_loop(stage_run):
             finite = [v for v in values if np.isfinite(v)]
             assert reference.loc[measure, "n"] == len(finite)
             assert reference.loc[measure, "undefined"] == len(values) - len(finite)
-            assert reference.loc[measure, "mean"] == pytest.approx(np.mean(finite), abs=1e-5)
+            assert reference.loc[measure, "mean"] == pytest.approx(np.mean(finite) if finite else np.nan,
+                                                                   abs=1e-5, nan_ok=True)
 
 
 def test_outputs_and_determinism(stage_run, explained_world, tmp_path):
@@ -386,7 +391,8 @@ def test_sweep_includes_the_papers_gate_sizes_and_where_the_map_changes_most(sta
         assert sizes[-1] == width and all(min(n, width) in sizes for n in paper)
         change = t[t["measure"] == "change_from_previous"].set_index("top_n")
         assert sorted(change.index) == sizes[1:]          # every size but the smallest
-        assert ((change["mean"] >= 0) & (change["mean"] <= 2)).all()
+        defined = change["mean"].dropna()  # undefined where every map of a size is zero
+        assert len(defined) > 0 and ((defined >= 0) & (defined <= 2)).all()
         headline = metrics["models"][model]["sweep"]
         to = int(change["mean"].idxmax())
         assert headline["largest_change_to"] == to

@@ -9,7 +9,7 @@ from pipeline.models import load_model
 from pipeline.models.analysis import POINT_NAMES
 from pipeline.models.backbones import RESNET152_HUB_FILES, ResNet152, SceneResNet, build_backbone
 from pipeline.models.checkpoint import CheckpointError, model_metadata, save_model
-from pipeline.models.vqa_model import VQAModel, build_head
+from pipeline.models.vqa_model import VQAModel, build_head, head_feature_kind
 from omegaconf import OmegaConf
 
 QV = QuestionVocab.build([["what", "color", "is", "the", "circle"], ["how", "many", "squares"]])
@@ -20,10 +20,14 @@ ARCH = {
 }
 
 
-def tiny_model(name: str, seed: int = 0) -> VQAModel:
+def tiny_model(name: str, seed: int = 0, arch: dict | None = None) -> VQAModel:
+    """A random tiny model; for the LSTM-CNN its backbone has fc6-fc7 layers (widths 12, 10)."""
     torch.manual_seed(seed)
-    backbone = SceneResNet((4, 4, 8, 8), input_size=32, num_labels=3).freeze()
-    head = build_head(name, ARCH[name], len(QV), len(AV), backbone.grid_channels)
+    arch = ARCH[name] if arch is None else arch
+    fc = (12, 10) if head_feature_kind(name, arch) == "fc7" else ()
+    backbone = SceneResNet((4, 4, 8, 8), input_size=32, num_labels=3, fc=fc).freeze()
+    head = build_head(name, arch, len(QV), len(AV),
+                      backbone.feature_channels(head_feature_kind(name, arch)))
     return VQAModel(backbone, head, QV, AV, max_question_length=6).eval()
 
 
@@ -43,7 +47,7 @@ def test_end_to_end_equals_head_on_cached_features(name):
     assert logits.shape == (3, len(AV))
     grid = model.backbone(images)
     assert grid.shape == (3, 8, 2, 2)
-    features = grid if model.head.feature_kind == "grid" else grid.mean(dim=(2, 3))
+    features = grid if model.head.feature_kind == "grid" else model.backbone.fc7(grid)
     torch.testing.assert_close(model.head(features, tokens), logits)
 
 

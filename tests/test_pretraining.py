@@ -53,3 +53,29 @@ def test_pretraining_loss_and_evaluation_run_on_the_heads():
     metrics = evaluate(net, images, presence, counts, cells)
     assert set(metrics) == {"presence_label_acc", "pair_presence_acc", "count_acc", "cell_acc"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_fc_layers_train_on_the_frozen_trunk_and_leave_it_unchanged():
+    """fc6-fc7 are pretrained second (pretrain_fc): the trunk's weights, and so the grid every
+    other model reads, stay as they were; the fc classifier learns the image-level targets."""
+    from pipeline.models.pretraining import pretrain, pretrain_fc
+    torch.manual_seed(0)
+    with_fc = SceneResNet((4, 4, 8, 8), 64, NUM_LABELS, NUM_CELL_LABELS, fc=(16, 12))
+    torch.manual_seed(0)
+    without = SceneResNet((4, 4, 8, 8), 64, NUM_LABELS, NUM_CELL_LABELS)
+    # Same initial trunk with or without fc layers (they are created after every convolution).
+    trunk = {k: v for k, v in with_fc.state_dict().items() if not k.startswith("fc")}
+    assert all(torch.equal(v, without.state_dict()[k]) for k, v in trunk.items())
+    presence, counts = (torch.from_numpy(t)[None].repeat(8, 1) for t in scene_targets(SCENE))
+    cells = torch.from_numpy(cell_targets(instance_map(SCENE), SCENE, 4))[None].repeat(8, 1, 1)
+    data = (torch.randn(8, 3, 64, 64), presence, counts, cells)
+    pretrain(with_fc, data, data, epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, seed=0)
+    before = {k: v.clone() for k, v in with_fc.state_dict().items() if not k.startswith("fc")}
+    fc_before = with_fc.fc[1].weight.clone()
+    history = pretrain_fc(with_fc, data, data, epochs=3, batch_size=4, lr=1e-2, weight_decay=0.0, seed=1)
+    after = with_fc.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # BN statistics included
+    assert not torch.equal(fc_before, with_fc.fc[1].weight)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[-1]) == {"fc_presence_label_acc", "fc_pair_presence_acc", "fc_count_acc", "epoch"}
+    assert not with_fc.fc.training  # dropout off once pretrained

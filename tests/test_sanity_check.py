@@ -205,10 +205,10 @@ def test_model_files_untouched_outputs_written_and_deterministic(stage_run, trai
 
 def test_threshold_extremes(trained_world, tmp_path):
     cfg = stage_config(trained_world, tmp_path, "evaluation.sanity_check.threshold=-2",
-                       "evaluation.models=[lstm_cnn]", "evaluation.sanity_check.backbone=false",
+                       "evaluation.models=[mlb]", "evaluation.sanity_check.backbone=false",
                        "evaluation.sanity_check.methods=[gradcam]")
     metrics = sanity_check.run(cfg)
-    m = metrics["models"]["lstm_cnn"]
+    m = metrics["models"]["mlb"]
     assert all(not u.startswith("backbone") for u in m["cascade"])
     assert m["head_steps"] == len(m["cascade"])
     assert m["flagged"] == ["gradcam/image"]  # everything but the reference is above -2

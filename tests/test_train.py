@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from tests.conftest import TINY_PIPELINE
 from pipeline import extract_features, pretrain_backbone, prepare, train
 from pipeline.config import compose
 from pipeline.data import processed
@@ -15,8 +16,7 @@ from pipeline.data.vqa_format import load_image
 from pipeline.models import lightning as lightning_module
 from pipeline.models import load_model
 
-TINY = ["data=synthetic_tiny", "backbone.channels=[8,8,16,16]", "backbone.pretrain.epochs=1",
-        "logger=csv", "model.optim.max_epochs=2", "model.optim.batch_size=32"]
+TINY = TINY_PIPELINE
 
 
 def tiny_cfg(root, *overrides):
@@ -60,7 +60,8 @@ def test_train_writes_model_metrics_and_checkpoint(world, name):
         end_to_end = model(images, tokens)
         store = FeatureStore.open(world / "data/features/synthetic_tiny/scene_resnet", "val")
         rows = [store.row_of(r["image_id"]) for r in records]
-        cached = store.grid(rows) if model.head.feature_kind == "grid" else store.pooled(rows)
+        cached = store.read(model.head.feature_kind, rows)
+        assert model.head.feature_kind == {"lstm_cnn": "fc7", "mlb": "grid"}[name]
         from_cache = model.head(cached, tokens)
     torch.testing.assert_close(end_to_end, from_cache, atol=2e-2, rtol=2e-2)  # float16 store
     # the Lightning checkpoint loads into the same model
