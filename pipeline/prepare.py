@@ -14,7 +14,8 @@ Writes ``${paths.processed_dir}/`` (one folder, replaced atomically):
     hat_{train,val}.json        question id -> human attention map files (VQA-HAT layout)
     question_vocab.json, answer_vocab.json
     skipped.json                records skipped under data.on_error=skip (empty otherwise)
-    config.yaml                 the resolved settings this stage ran with (seed, data)
+    config.yaml                 the resolved settings this stage ran with (seed, data), among
+                                them data.question_mark: whether "?" is a token
 and ``${paths.metrics_dir}/prepare.json`` (counts, vocabulary coverage, skipped records).
 """
 from __future__ import annotations
@@ -113,10 +114,11 @@ def _hat_maps(root: Path, hat_dir: str, known_ids: set[int], kept_ids: set[int],
     return out
 
 
-def _question_table(records, vocab: QuestionVocab, max_len: int, split: str, name: str) -> dict:
+def _question_table(records, vocab: QuestionVocab, max_len: int, split: str, name: str,
+                    question_mark: bool) -> dict:
     rows = []
     for r in records:
-        tokens = tokenize(r.question)
+        tokens = tokenize(r.question, question_mark=question_mark)
         rows.append({
             "question_id": r.question_id,
             "image_id": r.image_id,
@@ -159,7 +161,8 @@ def run(cfg: DictConfig) -> dict:
         raise DataError("the train split has no usable questions; vocabularies are built from it",
                         root)
 
-    train_tokens = [tokenize(r.question) for r in splits["train"]]
+    question_mark = bool(data.question_mark)  # recorded in config.yaml (processed.question_mark)
+    train_tokens = [tokenize(r.question, question_mark=question_mark) for r in splits["train"]]
     question_vocab = QuestionVocab.build(train_tokens, min_count=int(data.question_min_count))
     answer_vocab = AnswerVocab.build(
         (normalize_answer(r.multiple_choice_answer) for r in splits["train"]), int(data.answer_top_k))
@@ -180,7 +183,7 @@ def run(cfg: DictConfig) -> dict:
             split = data.splits[key]
             write_json(processed.questions_file(tmp, key),
                        _question_table(records, question_vocab, int(data.max_question_length),
-                                       split, data.name), indent=None)
+                                       split, data.name, question_mark), indent=None)
             write_json(processed.images_file(tmp, key), {
                 "split": split,
                 "images": [{"image_id": i, "image": vqa_format.coco_image_path(split, i)}
@@ -197,7 +200,7 @@ def run(cfg: DictConfig) -> dict:
                 # share of questions whose majority answer the classifier can output at all
                 "answer_coverage": (sum(a in answer_vocab.index for a in answers) / len(answers)
                                     if answers else 0.0),
-                "unknown_token_rate": _unknown_rate(records, question_vocab),
+                "unknown_token_rate": _unknown_rate(records, question_vocab, question_mark),
             }
         question_vocab.save(tmp / processed.QUESTION_VOCAB)
         answer_vocab.save(tmp / processed.ANSWER_VOCAB)
@@ -217,8 +220,8 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _unknown_rate(records, vocab: QuestionVocab) -> float:
-    tokens = [t for r in records for t in tokenize(r.question)]
+def _unknown_rate(records, vocab: QuestionVocab, question_mark: bool) -> float:
+    tokens = [t for r in records for t in tokenize(r.question, question_mark=question_mark)]
     return sum(t not in vocab.index for t in tokens) / len(tokens) if tokens else 0.0
 
 

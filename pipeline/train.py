@@ -70,8 +70,10 @@ def run(cfg: DictConfig) -> dict:
     question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
     answer_vocab = answer_vocab.top(min(int(cfg.model.num_answers), len(answer_vocab)))
     backbone = build_backbone(cfg.backbone)
+    question_mark = processed.question_mark(processed_dir)  # how prepare tokenised the questions
     metadata = model_metadata(cfg.model, cfg.backbone, backbone, question_vocab, answer_vocab,
-                              int(cfg.data.max_question_length), str(cfg.data.name))
+                              int(cfg.data.max_question_length), str(cfg.data.name),
+                              question_mark=question_mark)
     optim = OmegaConf.to_container(cfg.model.optim, resolve=True)
 
     val_records = processed.load_question_table(processed_dir, "val")
@@ -123,7 +125,7 @@ def run(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         model = VQAModel(backbone, module.head.cpu(), question_vocab, answer_vocab,
-                         int(cfg.data.max_question_length))
+                         int(cfg.data.max_question_length), question_mark=question_mark)
         save_model(trained_model_path(cfg, str(cfg.model.name)), model, metadata)
         last.unlink(missing_ok=True)  # the run finished: nothing to resume
         write_json(train_metrics_path(cfg, str(cfg.model.name)), metrics)

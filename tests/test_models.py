@@ -113,6 +113,57 @@ def test_exported_model_roundtrip(tmp_path, name):
     torch.load(path, weights_only=True)  # nothing but tensors and plain values
 
 
+QV_QM = QuestionVocab.build([["what", "color", "is", "the", "circle", "?"], ["how", "many", "squares", "?"]])
+
+
+def question_mark_model(question_mark: bool) -> VQAModel:
+    torch.manual_seed(0)
+    backbone = SceneResNet((4, 4, 8, 8), input_size=32, num_labels=3).freeze()
+    head = build_head("mlb", ARCH["mlb"], len(QV_QM), len(AV), backbone.grid_channels)
+    return VQAModel(backbone, head, QV_QM, AV, max_question_length=6, question_mark=question_mark).eval()
+
+
+def test_encode_questions_follows_the_models_question_mark_setting():
+    with_mark, without = question_mark_model(True), question_mark_model(False)
+    assert with_mark.tokenize("How many squares?") == ["how", "many", "squares", "?"]
+    assert without.tokenize("How many squares?") == ["how", "many", "squares"]
+    tokens = with_mark.encode_questions(["How many squares?", "what color is the circle?"])
+    assert tokens.tolist() == [QV_QM.encode(["how", "many", "squares", "?"]) + [0, 0],
+                               QV_QM.encode(["what", "color", "is", "the", "circle", "?"])]
+    assert without.encode_questions(["How many squares?"]).tolist() == [QV_QM.encode(["how", "many", "squares"])]
+    # Built without the setting (code written before it): the old tokenisation, no "?".
+    assert VQAModel(with_mark.backbone, with_mark.head, QV_QM, AV, 6).question_mark is False
+
+
+def test_model_file_records_question_mark_and_old_files_load_without_it(tmp_path):
+    model = question_mark_model(True)
+    meta = model_metadata(model_cfg("mlb"), BACKBONE_CFG, model.backbone, QV_QM, AV, 6, "unit",
+                          question_mark=True)
+    assert meta["question_mark"] is True
+    assert model_metadata(model_cfg("mlb"), BACKBONE_CFG, model.backbone, QV_QM, AV, 6,
+                          "unit")["question_mark"] is False
+    path = save_model(tmp_path / "model.pt", model, meta)
+    loaded = load_model(path, question_vocab=QV_QM, answer_vocab=AV)
+    assert loaded.question_mark is True
+    assert loaded.encode_questions(["How many squares?"])[0, -1].item() == QV_QM.index["?"]
+    # A model file made before the setting existed has no key: it was trained without "?", and
+    # loads (exported file and Lightning checkpoint alike) tokenising text without it.
+    payload = torch.load(path, weights_only=True)
+    del payload["question_mark"]
+    torch.save(payload, tmp_path / "old.pt")
+    torch.save({"channels": [4, 4, 8, 8], "input_size": 32, "num_labels": 3,
+                "state_dict": payload["backbone_state"]}, tmp_path / "backbone.pt")
+    hyper_parameters = {k: v for k, v in payload.items() if not k.endswith("_state")}
+    hyper_parameters["backbone"] = {**hyper_parameters["backbone"], "weights": str(tmp_path / "backbone.pt")}
+    torch.save({"hyper_parameters": hyper_parameters,
+                "state_dict": {f"head.{k}": v for k, v in payload["head_state"].items()}},
+               tmp_path / "old.ckpt")
+    for old_file in ("old.pt", "old.ckpt"):
+        old = load_model(tmp_path / old_file, question_vocab=QV_QM, answer_vocab=AV)
+        assert old.question_mark is False, old_file
+        assert old.encode_questions(["How many squares?"]).tolist() == [QV_QM.encode(["how", "many", "squares"])]
+
+
 def test_model_file_mismatches_are_clear(tmp_path):
     model = tiny_model("mlb")
     meta = model_metadata(model_cfg("mlb"), BACKBONE_CFG, model.backbone, QV, AV, 6, "unit")

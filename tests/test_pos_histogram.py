@@ -52,10 +52,32 @@ def test_tagger_caches_per_question_and_checks_the_tag_count():
     ("DT", "determiners"), ("PDT", "determiners"), ("IN", "prepositions"), ("CD", "numbers"),
     ("PRP", "pronouns"), ("PRP$", "pronouns"), ("RB", "adverbs"), ("RBS", "adverbs"),
     ("CC", "other"), ("EX", "other"), ("MD", "other"), ("UH", "other"),
+    (".", "punctuation"), (",", "punctuation"), (":", "punctuation"),
 ])
 def test_tag_groups(tag, group):
     assert pos.tag_group(tag) == group
     assert pos.is_noun(tag) == (group == "nouns")
+
+
+def test_question_mark_is_tagged_full_stop_by_the_fallback_tagger():
+    tagger = pos.make_tagger("textblob")
+    tokens = tokenize("What color is the circle?")
+    assert tokens[-1] == "?"
+    assert tagger.tag(tokens) == ("WP", "NN", "VBZ", "DT", "NN", ".")
+    # Pattern's own tag, before the fix-up: the fallback tagger says "." by itself.
+    assert tagger._tag(("is", "there", "a", "cube", "?"))[-1] == "."
+    tokens = tokenize("Why?? Is it?")
+    assert tokens == ["why", "?", "?", "is", "it", "?"]
+    assert [tag for token, tag in zip(tokens, tagger.tag(tokens)) if token == "?"] == [".", ".", "."]
+    assert pos.tag_group(tagger.tag(["?"])[0]) == "punctuation"
+    assert pos_histogram.category(".") == "punctuation"
+
+
+def test_question_mark_tag_is_fixed_whatever_the_tagger_model_says():
+    tagger = pos.make_tagger("textblob")
+    tagger._tag = lambda tokens: ["NN"] * len(tokens)  # a tagger model that gets "?" wrong
+    assert tagger.tag(["what", "is", "it", "?"]) == ("NN", "NN", "NN", ".")
+    assert tagger.tag(["what", "is", "it"]) == ("NN", "NN", "NN")  # only "?" is touched
 
 
 def test_nltk_without_its_data_says_how_to_install(monkeypatch, caplog):
@@ -81,24 +103,25 @@ def test_nltk_without_its_data_says_how_to_install(monkeypatch, caplog):
 
 # Questions in the synthetic world's vocabulary (pipeline.data.synthetic templates), with their
 # Penn Treebank tags. "left"/"right" in "the object left of the cross" are tagged RB (adverbial
-# use, "left of" ~ "to the left of"); "many" in "how many" is JJ, as in the Penn Treebank.
+# use, "left of" ~ "to the left of"); "many" in "how many" is JJ, as in the Penn Treebank; the
+# question-mark token "?" (tokenize keeps it by default) is ".", as in the Penn Treebank.
 NLTK_TRAINING = [
-    ("What color is the circle?", "WP NN VBZ DT NN"),
-    ("What color is the square?", "WP NN VBZ DT NN"),
-    ("What color is the small triangle?", "WP NN VBZ DT JJ NN"),
-    ("What color is the large diamond?", "WP NN VBZ DT JJ NN"),
-    ("What color is the object left of the cross?", "WP NN VBZ DT NN RB IN DT NN"),
-    ("What color is the object right of the square?", "WP NN VBZ DT NN RB IN DT NN"),
-    ("What shape is the blue object?", "WP NN VBZ DT JJ NN"),
-    ("What shape is the yellow object?", "WP NN VBZ DT JJ NN"),
-    ("How many red objects are there?", "WRB JJ JJ NNS VBP EX"),
-    ("How many green objects are there?", "WRB JJ JJ NNS VBP EX"),
-    ("How many squares are there?", "WRB JJ NNS VBP EX"),
-    ("How many crosses are there?", "WRB JJ NNS VBP EX"),
-    ("How many circles are there?", "WRB JJ NNS VBP EX"),
-    ("Is there a blue triangle?", "VBZ EX DT JJ NN"),
-    ("Is there an orange cross?", "VBZ EX DT JJ NN"),
-    ("Is there a purple circle?", "VBZ EX DT JJ NN"),
+    ("What color is the circle?", "WP NN VBZ DT NN ."),
+    ("What color is the square?", "WP NN VBZ DT NN ."),
+    ("What color is the small triangle?", "WP NN VBZ DT JJ NN ."),
+    ("What color is the large diamond?", "WP NN VBZ DT JJ NN ."),
+    ("What color is the object left of the cross?", "WP NN VBZ DT NN RB IN DT NN ."),
+    ("What color is the object right of the square?", "WP NN VBZ DT NN RB IN DT NN ."),
+    ("What shape is the blue object?", "WP NN VBZ DT JJ NN ."),
+    ("What shape is the yellow object?", "WP NN VBZ DT JJ NN ."),
+    ("How many red objects are there?", "WRB JJ JJ NNS VBP EX ."),
+    ("How many green objects are there?", "WRB JJ JJ NNS VBP EX ."),
+    ("How many squares are there?", "WRB JJ NNS VBP EX ."),
+    ("How many crosses are there?", "WRB JJ NNS VBP EX ."),
+    ("How many circles are there?", "WRB JJ NNS VBP EX ."),
+    ("Is there a blue triangle?", "VBZ EX DT JJ NN ."),
+    ("Is there an orange cross?", "VBZ EX DT JJ NN ."),
+    ("Is there a purple circle?", "VBZ EX DT JJ NN ."),
 ]
 
 
@@ -161,7 +184,11 @@ def test_nltk_tagger_on_fake_nltk_data(fake_nltk_data):
     # Tokens outside the synthetic vocabulary (contractions, digits) still get one tag each.
     for question in ("What's on the man's shirt?", "Are there 2 dogs?", "Is it raining?"):
         assert len(tagger.tag(tokenize(question))) == len(tokenize(question))
+        assert tagger.tag(tokenize(question))[-1] == "."  # the "?" token
     assert tagger.tag([]) == ()
+    # "?" is "." on the NLTK path too, even where a model would say otherwise.
+    tagger._tag = lambda tokens: ["NN"] * len(tokens)
+    assert tagger.tag(["is", "it", "?", "?"]) == ("NN", "NN", ".", ".")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +234,7 @@ def test_most_important_words_counts_invalid_and_constant_questions():
 PAPER_GROUPS = {"wh-words": {"WDT", "WP", "WP$", "WRB"}, "nouns": {"NN", "NNS", "NNP", "NNPS"},
                 "determiners": {"DT", "PDT"}, "prepositions": {"IN"}, "numbers": {"CD"},
                 "pronouns": {"PRP", "PRP$"}, "verbs": {"VB*"}, "adjectives": {"JJ*"},
-                "adverbs": {"RB*"}}
+                "adverbs": {"RB*"}, "punctuation": {".", ",", ":", "``", "''", "-LRB-", "-RRB-"}}
 
 
 def _plain_recount(index, arrays, method, tagger, tags):
@@ -275,6 +302,7 @@ def test_stage_matches_a_plain_recount(explained_world, tmp_path):
         width = inputs.load_method(cfg, model, "occlusion")["question_map"].shape[1]
         frequency = Counter(t for q in split for t in tagger.tag(q["tokens"][:width]))
         expected_order = sorted(frequency, key=lambda t: (-frequency[t], t))[:15]
+        assert "." in expected_order  # the "?" that ends every question (data.question_mark)
         explained = Counter(t for q in index["questions"] for t in tagger.tag(q["tokens"][:width]))
         assert expected_order != sorted(explained, key=lambda t: (-explained[t], t))[:15]
         # Goyal et al.'s grouping (WDT, WP, WRB -> wh-words, ...), written out; a tag of no
@@ -303,6 +331,7 @@ def test_stage_matches_a_plain_recount(explained_world, tmp_path):
             order = sorted(members, key=lambda c: (-sum(frequency[t] for t in members[c]), c))
             cats = grouped[(grouped.model == model) & (grouped.method == method)]
             assert cats.category.tolist() == order
+            assert "punctuation" in order and members["punctuation"] == ["."]
             for row in cats.itertuples():
                 assert row.tags.split() == members[row.category]
                 count = sum(recount[t][0] for t in members[row.category])

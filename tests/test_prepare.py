@@ -65,8 +65,32 @@ def test_prepare_real_layout(tmp_path, vqa_root):
     assert len(val) == 4 and metrics["splits"]["val"]["questions_with_hat"] == 3
     dog = next(r for r in val if r["question"] == "What color is the dog?")
     assert dog["answer"] == "brown" and dog["answer_scores"]["brown"] == pytest.approx(1.0)
-    assert dog["tokens"] == ["what", "color", "is", "the", "dog"]
+    assert dog["tokens"] == ["what", "color", "is", "the", "dog", "?"]  # data.question_mark: true
     assert processed.load_hat_index(out, "train") == {420: ["vqahat_train/420_1.png"]}
+
+
+@pytest.mark.parametrize("question_mark", [True, False])
+def test_prepare_records_the_question_mark_setting(tmp_path, vqa_root, question_mark):
+    cfg = real_cfg(tmp_path, vqa_root, f"data.question_mark={str(question_mark).lower()}")
+    metrics = prepare.run(cfg)
+    out = tmp_path / "run" / "data" / "processed" / "vqa_v2"
+    assert processed.question_mark(out) is question_mark
+    qvocab, _ = processed.load_vocabs(out)
+    assert ("?" in qvocab.index) is question_mark
+    for split in ("train", "val"):
+        for r in processed.load_question_table(out, split):
+            assert (r["tokens"][-1] == "?") is question_mark, r["question"]
+            assert r["token_ids"] == qvocab.encode(r["tokens"], cfg.data.max_question_length)
+    assert metrics["splits"]["val"]["unknown_token_rate"] == 0.0  # "?" counted as a known word
+    # Processed data written before the setting existed (no key): tokenised without "?".
+    config = out / processed.CONFIG
+    config.write_text("\n".join(line for line in config.read_text().splitlines()
+                                if not line.strip().startswith("question_mark:")))
+    assert "question_mark" not in config.read_text()
+    assert processed.question_mark(out) is False
+    config.unlink()
+    with pytest.raises(DataError, match="processed data not found"):
+        processed.question_mark(out)
 
 
 def test_missing_real_files_are_listed_with_their_source(tmp_path):

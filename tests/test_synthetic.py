@@ -18,7 +18,9 @@ from scipy.stats import spearmanr
 from pipeline.data.synthetic import (
     COLORS,
     SHAPES,
+    SIDES,
     SIZES,
+    TEMPLATES,
     Scene,
     SceneObject,
     answer_question,
@@ -247,6 +249,35 @@ def test_word_indices_point_at_the_naming_words(records):
             assert [tokens[i] for i in idx] == EXPECTED_WORDS[spec["template"]](spec["slots"])
             seen.add(spec["template"])
     assert {"exists", "count_color", "count_shape", "color_of_shape", "shape_of_color"} <= seen
+
+
+def test_word_indices_hold_with_and_without_the_question_mark(records):
+    # tokenize keeps "?" by default (data.question_mark); the world's questions end with their
+    # only "?", so the ground-truth positions name the same words either way and never the "?".
+    for split in SPLITS:
+        gt = records[split]["gt"]
+        for rec in records[split]["questions"]["questions"]:
+            spec = gt["questions"][rec["question_id"]]
+            kept, dropped = tokenize(rec["question"]), tokenize(rec["question"], question_mark=False)
+            assert kept == dropped + ["?"]
+            expected = EXPECTED_WORDS[spec["template"]](spec["slots"])
+            assert [kept[i] for i in spec["word_indices"]] == expected
+            assert [dropped[i] for i in spec["word_indices"]] == expected
+            assert len(kept) - 1 not in spec["word_indices"]
+
+
+def test_every_question_fits_max_question_length_with_its_question_mark():
+    # Every template with every slot value (not only the ones a small world happens to draw):
+    # the longest question, "?" included, must not be cut by data.max_question_length.
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        data = compose("config", overrides=["data=synthetic"]).data
+    assert data.question_mark is True
+    lengths = [len(tokenize(question_text(template, {"color": color, "shape": shape, "size": size,
+                                                       "side": side})[0]))
+               for template in TEMPLATES for color in COLORS for shape in SHAPES
+               for size in SIZES for side in SIDES]
+    assert max(lengths) == 10  # "what color is the object left of the circle ?"
+    assert max(lengths) <= data.max_question_length
 
 
 def test_deliberate_pairs_same_answer_different_objects(records, cfg):

@@ -67,6 +67,13 @@ def test_train_writes_model_metrics_and_checkpoint(world, name):
     # the Lightning checkpoint loads into the same model
     from_ckpt = load_model(checkpoints / "best.ckpt")
     torch.testing.assert_close(from_ckpt(images, tokens), end_to_end)
+    # Text questions are tokenised as prepare tokenised the training questions: "?" kept
+    # (data.question_mark, recorded in the processed data and from there in the model file).
+    assert processed.question_mark(world / "data/processed/synthetic_tiny") is True
+    assert model.question_mark is True and from_ckpt.question_mark is True
+    for row, r in enumerate(records):
+        assert r["tokens"][-1] == "?"
+        assert tokens[row].tolist() == r["token_ids"] + [0] * (tokens.shape[1] - len(r["token_ids"]))
 
 
 def test_interrupted_training_resumes_from_last_checkpoint(world, monkeypatch):

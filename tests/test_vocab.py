@@ -4,15 +4,35 @@ from pipeline.data.vocab import PAD, UNK, AnswerVocab, QuestionVocab, tokenize
 
 
 @pytest.mark.parametrize("question, tokens", [
+    ("What color is the dog?", ["what", "color", "is", "the", "dog", "?"]),
+    ("What's left-most?", ["what's", "left", "most", "?"]),
+    ("Is this a 'cat' or a dog/wolf?", ["is", "this", "a", "cat", "or", "a", "dog", "wolf", "?"]),
+    ("How many (red) cubes, roughly?", ["how", "many", "red", "cubes", "roughly", "?"]),
+    ("What colour is the red-ish cube?", ["what", "colour", "is", "the", "red", "ish", "cube", "?"]),
+    ("", []),
+    ("???", ["?", "?", "?"]),
+    ("Why?? Is it?", ["why", "?", "?", "is", "it", "?"]),   # every "?" is one token, anywhere
+    ("Is it 'cat?'", ["is", "it", "cat", "?"]),           # quotes around it are still dropped
+    ("Is it a cat", ["is", "it", "a", "cat"]),
+])
+def test_tokenize_keeps_the_question_mark_by_default(question, tokens):
+    assert tokenize(question) == tokens
+    assert tokenize(question, question_mark=True) == tokens
+
+
+@pytest.mark.parametrize("question, tokens", [
     ("What color is the dog?", ["what", "color", "is", "the", "dog"]),
     ("What's left-most?", ["what's", "left", "most"]),
     ("Is this a 'cat' or a dog/wolf?", ["is", "this", "a", "cat", "or", "a", "dog", "wolf"]),
     ("How many (red) cubes, roughly?", ["how", "many", "red", "cubes", "roughly"]),
     ("", []),
     ("???", []),
+    ("Why?? Is it?", ["why", "is", "it"]),
 ])
-def test_tokenize(question, tokens):
-    assert tokenize(question) == tokens
+def test_tokenize_without_the_question_mark(question, tokens):
+    assert tokenize(question, question_mark=False) == tokens
+    # The same tokens as the default, minus every "?".
+    assert [t for t in tokenize(question) if t != "?"] == tokens
 
 
 def test_question_vocab_is_deterministic_and_maps_unknown_words():

@@ -371,7 +371,9 @@ def _template_words(template: str, slots: Mapping[str, str]) -> list[tuple[str, 
 
 
 def question_text(template: str, slots: Mapping[str, str]) -> tuple[str, list[int]]:
-    """The question string of a template and its important-word positions (in ``tokenize``)."""
+    """The question string of a template and its important-word positions (in ``tokenize``).
+    The "?" is the last token when kept (``data.question_mark``), so the positions are the same
+    either way, and it is never an important word."""
     words = _template_words(template, slots)
     return " ".join(w for w, _ in words) + "?", [i for i, (_, key) in enumerate(words) if key]
 

@@ -12,20 +12,36 @@ from pipeline.io import read_json, write_json
 PAD = "<pad>"
 UNK = "<unk>"
 
-# Hyphens and slashes separate words ("left-most" -> "left most"); other punctuation is dropped.
+# Hyphens and slashes separate words ("left-most" -> "left most"); other punctuation is dropped,
+# except "?" when it is kept as a token of its own (question_mark=True).
 _SEPARATORS = re.compile(r"[-/]")
 _DROP = re.compile(r"[^a-z0-9' ]")
+_DROP_BUT_QUESTION_MARK = re.compile(r"[^a-z0-9'? ]")
+QUESTION_MARK = "?"
 
 
-def tokenize(question: str) -> list[str]:
-    """Lowercase word tokens of a question: "What colour is the red-ish cube?" ->
-    ["what", "colour", "is", "the", "red", "ish", "cube"].
+def tokenize(question: str, question_mark: bool = True) -> list[str]:
+    """Lowercase word tokens of a question, each "?" a token of its own:
+    "What colour is the red-ish cube?" -> ["what", "colour", "is", "the", "red", "ish", "cube", "?"];
+    with ``question_mark=False`` the "?" is dropped like other punctuation:
+    -> ["what", "colour", "is", "the", "red", "ish", "cube"].
 
-    Apostrophes stay inside words ("what's") so that contractions remain one token. The
-    synthetic world's ground-truth word indices are positions in this list.
+    "?" is kept by default because the papers' models see it: Kim et al. ("Visual explanations
+    from Hadamard product in multimodal deep networks", Figs. 2-5) print a z-score for the "?" of
+    every question, and the VQA_LSTM_CNN preprocessing behind Goyal et al.'s model splits on
+    punctuation keeping the delimiters, "?" included (the config key ``data.question_mark``).
+    Every "?" is one token ("why??" -> ["why", "?", "?"]), wherever it stands.
+
+    Hyphens and slashes separate words; other punctuation is dropped. Apostrophes stay inside
+    words ("what's") so that contractions remain one token. The synthetic world's ground-truth
+    word indices are positions in this list (its questions end with their only "?", so the
+    positions are the same either way).
     """
     text = _SEPARATORS.sub(" ", question.lower())
-    text = _DROP.sub(" ", text)
+    if question_mark:
+        text = _DROP_BUT_QUESTION_MARK.sub(" ", text).replace(QUESTION_MARK, f" {QUESTION_MARK} ")
+    else:
+        text = _DROP.sub(" ", text)
     return [t.strip("'") for t in text.split() if t.strip("'")]
 
 

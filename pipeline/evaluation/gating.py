@@ -57,8 +57,8 @@ def pair_spearman(scores: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def question_key(row: dict) -> str:
-    """Two questions are 'the same question' when their tokens are (case and punctuation do not
-    make a different question for the model, which only sees the tokens)."""
+    """Two questions are 'the same question' when their tokens are (case and punctuation other
+    than a kept "?" do not make a different question for the model, which only sees the tokens)."""
     return " ".join(row["tokens"])
 
 

@@ -13,7 +13,11 @@ tagger's name and version go into every table, because taggers disagree on some 
 lexicon tags the shape "cross" VB and "left" VBN, for instance) and the histogram moves with them.
 
 The tagger sees the question's token list (what the model saw), joined as one sentence so that
-context informs each tag, and returns exactly one tag per token.
+context informs each tag, and returns exactly one tag per token. The question-mark token "?"
+(``data.question_mark``, :func:`pipeline.data.vocab.tokenize`) is tagged "." (the Penn Treebank
+tag of sentence-final punctuation) whatever the tagger: Pattern's lexicon tags it so, and the tag
+is fixed after tagging so that no tagger model (an NLTK model trained on other data, say) can
+give it another. Its group is "punctuation".
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.data.errors import DataError
+from pipeline.data.vocab import QUESTION_MARK
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,13 @@ _EXACT_GROUPS = {
     "IN": "prepositions",
     "CD": "numbers",
     "PRP": "pronouns", "PRP$": "pronouns",
+    # Penn Treebank punctuation tags; of them our tokens only ever give "." (the "?" token).
+    ".": "punctuation", ",": "punctuation", ":": "punctuation", "``": "punctuation",
+    "''": "punctuation", "-LRB-": "punctuation", "-RRB-": "punctuation",
 }
 _PREFIX_GROUPS = (("VB", "verbs"), ("JJ", "adjectives"), ("RB", "adverbs"))
 NOUN_TAGS = frozenset(t for t, g in _EXACT_GROUPS.items() if g == "nouns")
+QUESTION_MARK_TAG = "."  # the Penn Treebank tag of "?", whatever a tagger says
 
 
 def tag_group(tag: str) -> str:
@@ -73,8 +82,8 @@ class Tagger:
 
             self._tagger = PatternTagger()
             self.name = f"textblob {importlib.metadata.version('textblob')} PatternTagger"
-            # tokenize=False: Pattern splits on spaces only, so each of our tokens (no spaces,
-            # no sentence punctuation: pipeline.data.vocab.tokenize) stays one token.
+            # tokenize=False: Pattern splits on spaces only, so each of our tokens (no spaces;
+            # "?" is already a token of its own: pipeline.data.vocab.tokenize) stays one token.
             self._tag = lambda tokens: [t for _, t in self._tagger.tag(" ".join(tokens), tokenize=False)]
         else:
             raise ValueError(f"unknown tagger {kind!r}: use auto, nltk or textblob")
@@ -88,7 +97,8 @@ class Tagger:
             if len(tags) != len(key):
                 raise ValueError(f"{self.name} returned {len(tags)} tags for the {len(key)} tokens "
                                  f"{list(key)}")
-            self._cache[key] = tags
+            self._cache[key] = tuple(QUESTION_MARK_TAG if token == QUESTION_MARK else tag
+                                     for token, tag in zip(key, tags))
         return self._cache[key]
 
 

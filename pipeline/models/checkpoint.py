@@ -31,8 +31,11 @@ class CheckpointError(DataError):
 
 
 def model_metadata(model_cfg, backbone_cfg, backbone, question_vocab: QuestionVocab,
-                   answer_vocab: AnswerVocab, max_question_length: int, data_name: str) -> dict:
-    """Everything needed to rebuild a model, as plain values (it goes into checkpoints)."""
+                   answer_vocab: AnswerVocab, max_question_length: int, data_name: str,
+                   question_mark: bool = False) -> dict:
+    """Everything needed to rebuild a model, as plain values (it goes into checkpoints).
+    ``question_mark``: whether its training questions had "?" as a token (the processed data's
+    ``data.question_mark``); a file without the key was made without "?"."""
     backbone_meta = OmegaConf.to_container(backbone_cfg, resolve=True) if OmegaConf.is_config(
         backbone_cfg) else dict(backbone_cfg)
     backbone_meta.pop("pretrain", None)
@@ -55,6 +58,7 @@ def model_metadata(model_cfg, backbone_cfg, backbone, question_vocab: QuestionVo
         "question_vocab": list(question_vocab.tokens),
         "answer_vocab": list(answer_vocab.answers),
         "max_question_length": int(max_question_length),
+        "question_mark": bool(question_mark),
         "data": str(data_name),
     }
 
@@ -84,7 +88,8 @@ def _build(meta: dict, head_state: dict, backbone=None) -> VQAModel:
     except RuntimeError as e:
         raise CheckpointError(f"head weights do not fit a {meta['model']['name']} model with "
                               f"{len(qv)} words and {len(av)} answers: {e}") from e
-    model = VQAModel(backbone, head, qv, av, meta["max_question_length"])
+    model = VQAModel(backbone, head, qv, av, meta["max_question_length"],
+                     question_mark=bool(meta.get("question_mark", False)))  # older files: no "?"
     return model.eval()
 
 

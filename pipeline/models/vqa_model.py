@@ -41,10 +41,14 @@ def head_feature_kind(name: str, arch: dict) -> str:
 
 class VQAModel(nn.Module):
     """``forward(images, question_tokens) -> logits``: images B x 3 x H x W normalised as
-    ``backbone.mean/std``, tokens B x T ids of ``question_vocab`` (0 = padding at the end)."""
+    ``backbone.mean/std``, tokens B x T ids of ``question_vocab`` (0 = padding at the end).
+
+    ``question_mark``: whether the model was trained on questions with "?" as a token
+    (``data.question_mark``); text questions are tokenised the same way. False is the
+    tokenisation of models made before the setting existed."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, question_vocab: QuestionVocab,
-                 answer_vocab: AnswerVocab, max_question_length: int):
+                 answer_vocab: AnswerVocab, max_question_length: int, question_mark: bool = False):
         super().__init__()
         self.image = AnalysisPoint("image")
         self.backbone = backbone
@@ -52,6 +56,7 @@ class VQAModel(nn.Module):
         self.question_vocab = question_vocab
         self.answer_vocab = answer_vocab
         self.max_question_length = int(max_question_length)
+        self.question_mark = bool(question_mark)
         if head.feature_kind == "fc7":
             # The head computes fc7 from the grid with the backbone's own layers. A bound
             # method, so that a deep copy of the model reads its own copy of the backbone.
@@ -70,9 +75,13 @@ class VQAModel(nn.Module):
     def analysis_points(self) -> dict[str, AnalysisPoint]:
         return analysis_points(self)
 
+    def tokenize(self, question: str) -> list[str]:
+        """The tokens of a text question, tokenised as the model's training questions were."""
+        return tokenize(question, question_mark=self.question_mark)
+
     def encode_questions(self, questions: Sequence[str]) -> torch.Tensor:
-        """Token ids, B x T (padded), of questions given as text."""
-        ids = [self.question_vocab.encode(tokenize(q), self.max_question_length) for q in questions]
+        """Token ids, B x T (padded), of questions given as text (tokenised by :meth:`tokenize`)."""
+        ids = [self.question_vocab.encode(self.tokenize(q), self.max_question_length) for q in questions]
         out = torch.zeros(len(ids), max(1, max(map(len, ids), default=1)), dtype=torch.long)
         for row, seq in enumerate(ids):
             out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
