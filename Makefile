@@ -38,3 +38,8 @@ repro: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Our attribution methods against plain autograd and Captum, timed (reports/metrics/bench.json);
+# `make bench ARGS=bench.resnet152.enabled=true` adds the ResNet-152 entry (13-14 min here).
+bench: install
+	$(BIN)/python -m pipeline.bench $(ARGS)

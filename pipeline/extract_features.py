@@ -3,6 +3,7 @@
     python -m pipeline.extract_features [data=...] [backbone=scene_resnet|resnet152]
                                         [extract.device=cpu|cuda] [extract.batch_size=64]
                                         [extract.num_workers=0] [extract.chunk_rows=256]
+                                        [extract.dtype=float16|float32]
 
 Reads the processed image lists (``images_<split>.json`` from ``prepare``) and the images under
 ``data.root``; runs ``build_backbone(cfg.backbone)`` in eval mode without autograd; writes one
@@ -10,6 +11,11 @@ Reads the processed image lists (``images_<split>.json`` from ``prepare``) and t
 ``${paths.metrics_dir}/extract_features.json`` (counts, grid shape, what fc7 is, bytes on disk).
 Each store holds the grid, its spatial mean and, when the backbone has fc6/fc7 layers (or, on
 ResNet-152, their pool5 stand-in), the fc7 vector the LSTM-CNN reads.
+
+Every stored value is finite: a batch whose features are inf or NaN, or beyond float16's range
+(65504) when the store is float16, stops the stage with the image ids and the fix (the
+backbone's weights, or ``extract.dtype=float32``), and no finished store appears
+(:class:`~pipeline.data.feature_store.NonFiniteFeaturesError`, exit code 2).
 
 A killed run resumes where it stopped: rows are checkpointed every ``extract.chunk_rows`` images,
 and a rerun with the same images, backbone weights and prepared data continues from there.
@@ -31,7 +37,7 @@ from pipeline.data import processed
 from pipeline.data.download import sha256_file
 from pipeline.data.errors import MissingDataError
 from pipeline.data.feature_store import (FC7_FILE, GRID_FILE, INDEX_FILE, POOLED_FILE,
-                                         STORE_DTYPE, FeatureStoreWriter)
+                                         FeatureStoreWriter, store_dtype)
 from pipeline.data.images import ImageFolderDataset, ImageTransform
 from pipeline.io import write_json
 from pipeline.models.backbones import Backbone, build_backbone
@@ -107,6 +113,7 @@ def run(cfg: DictConfig) -> dict:
     data_root = abspath(cfg.data.root)
     features_dir = abspath(cfg.paths.features_dir)
     fc7_channels = backbone.fc7_channels if backbone.fc7_source else None
+    dtype = store_dtype(cfg.extract.get("dtype"))
     log.info("%s on %s: grid %s per image, into %s", backbone.name, device, grid_shape, features_dir)
     log.info("fc7: %s", backbone.fc7_source or "none (this backbone has no fc6/fc7 layers)")
 
@@ -114,13 +121,14 @@ def run(cfg: DictConfig) -> dict:
     metrics: dict = {"data": cfg.data.name, "backbone": backbone.name,
                      "input_size": backbone.input_size, "grid_shape": list(grid_shape),
                      "fc7_channels": fc7_channels, "fc7_source": backbone.fc7_source,
-                     "dtype": STORE_DTYPE.name, "splits": {}}
+                     "dtype": dtype.name, "splits": {}}
     for key in cfg.data.splits:
         images = processed.load_images(processed_dir, key)
         writer = FeatureStoreWriter(features_dir, key, [im["image_id"] for im in images], grid_shape,
                                     identity, backbone.name, backbone.input_size,
                                     chunk_rows=int(cfg.extract.chunk_rows),
-                                    fc7_channels=fc7_channels, fc7_source=backbone.fc7_source)
+                                    fc7_channels=fc7_channels, fc7_source=backbone.fc7_source,
+                                    dtype=dtype.name)
         remaining = ImageFolderDataset(data_root, images[writer.rows_done:], transform)
         start = time.perf_counter()
         directory = extract_split(backbone, remaining, writer, cfg.extract, device,

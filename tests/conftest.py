@@ -118,3 +118,33 @@ def evaluation_config(root, *overrides):
     from pipeline.config import compose
 
     return compose([*TINY_PIPELINE, f"paths.root={root}", *overrides])
+
+
+# res5c of the calibrated random ResNet-152 stays in the units; this is "well below" float16's
+# largest value (65504) with a margin of three orders of magnitude.
+RES5C_LIMIT = 100.0
+
+
+@pytest.fixture(scope="session")
+def random_init_resnet152_weights(tmp_path_factory):
+    """A file holding a *randomly initialised* torchvision ``resnet152(weights=None)`` state dict
+    (ImageNet weights cannot be downloaded here), with every BatchNorm's running statistics set
+    to those of its input over a few random images (one training-mode forward with cumulative
+    averaging: ``pipeline.models.random_init.random_init_resnet152_state_dict``), so that every
+    block's output is normalised and res5c stays in range. The raw initialisation (BatchNorm at
+    identity) overflows float16 (res5c ~1e8). Checked here on other random images: res5c's max
+    and std at 224 px (tests/test_resnet152.py checks 448 px). The pipeline never uses random
+    weights by itself: tests pass this file as ``backbone.weights=<file>``."""
+    from pipeline.models.backbones import ResNet152
+    from pipeline.models.random_init import random_init_resnet152_state_dict
+
+    state = random_init_resnet152_state_dict(seed=0, images=4, size=224)
+    path = tmp_path_factory.mktemp("resnet152") / "resnet152_random_init.pth"
+    torch.save(state, path)
+    backbone = ResNet152(224, state).freeze()
+    with torch.inference_mode():
+        res5c = backbone(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
+    assert res5c.shape[1:] == (2048, 7, 7) and torch.isfinite(res5c).all()
+    largest, std = res5c.abs().max().item(), res5c.std().item()
+    assert largest < RES5C_LIMIT and 0.1 < std < 10, (largest, std)
+    return path

@@ -115,3 +115,82 @@ def test_interleaved_timing_runs_every_computation_in_each_round():
     rounds = len(calls) // 2
     assert rounds >= 4 and calls == ["a", "b"] * rounds  # warm-up round + at least 3 timed
     assert all(v[0] >= 0 for v in out.values())
+
+
+def test_defaults_are_the_config_files_values():
+    from omegaconf import OmegaConf
+
+    from pipeline.bench import DEFAULTS
+    from pipeline.config import CONF_DIR
+
+    assert OmegaConf.to_container(OmegaConf.load(CONF_DIR / "bench" / "default.yaml")) == DEFAULTS
+
+
+def test_resnet152_entry_times_extraction_and_every_method_and_projects(tmp_path, monkeypatch):
+    """The ``resnet152`` entry run alone, small (64 px, tiny heads, three methods): every figure
+    is there, the projection is its stated sum, the rest of bench.json is kept, and without any
+    weights the random initialisation is labelled as timing only."""
+    from pipeline import bench
+    from pipeline.config import compose
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no weights anywhere
+    metrics = tmp_path / "reports" / "metrics"
+    write_json(metrics / "bench.json", {"model": "mlb", "ms_per_question": {"baseline": 1.0}})
+    methods = ["gradcam", "guided_backprop", "occlusion", "cam"]
+    cfg = compose([f"paths.root={tmp_path}", "bench.threads=1", "bench.resnet152.enabled=true",
+                   "bench.resnet152.only=true", "bench.resnet152.input_size=64",
+                   "bench.resnet152.models=[lstm_cnn,mlb]", "bench.resnet152.extract_batch_size=2",
+                   "bench.resnet152.questions=2", "bench.resnet152.question_vocab=50",
+                   f"attribution.methods=[{','.join(methods)}]",
+                   "attribution.options.occlusion.grid=2"])
+    bench.run(cfg)
+    saved = json.loads((metrics / "bench.json").read_text())
+    assert saved["model"] == "mlb" and saved["ms_per_question"] == {"baseline": 1.0}  # kept
+    entry = saved["resnet152"]
+    assert entry["weights"] == bench.RANDOM_INIT_LABEL == "random-init weights (timing only)"
+    assert entry["weights_kind"] == "random-init" and "random" in entry["notes"]["weights"]
+    assert entry["grid_shape"] == [2048, 2, 2] and entry["input_size"] == 64
+    assert entry["threads"] == 1 and entry["extract_batch_size"] == 2
+    assert entry["extract_ms_per_image"] > 0 and entry["methods"] == methods
+    assert set(entry["models"]) == {"lstm_cnn", "mlb"}
+    for name, model in entry["models"].items():
+        assert list(model["ms_per_question"]) == methods
+        assert all(model["ms_per_question"][m] > 0 for m in ("gradcam", "occlusion")), name
+        assert "global-average-pool" in model["skipped"]["cam"]
+        assert model["ms_per_question_total"] == pytest.approx(sum(model["ms_per_question"].values()))
+    p = entry["projection"]
+    assert p["vqahat_val_questions"] == p["vqahat_val_images"] == 1374
+    expected = (1374 * entry["extract_ms_per_image"]
+                + sum(1374 * m["ms_per_question_total"] for m in entry["models"].values())) / 1000
+    assert p["projected_vqahat_val_seconds"] == pytest.approx(expected)
+    assert p["projected_vqahat_val_hours"] == pytest.approx(expected / 3600)
+    for name, model in entry["models"].items():
+        assert p["projected_vqahat_val_seconds_by_model"][name] == pytest.approx(
+            (1374 * entry["extract_ms_per_image"] + 1374 * model["ms_per_question_total"]) / 1000)
+    assert p["note"].startswith("a projection, not a measurement")
+    assert entry["seconds"] > 0 and entry["peak_rss_mb"] > 0
+
+
+def test_resnet152_entry_weights_come_from_the_config_then_the_hub_cache(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from pipeline import bench
+    from pipeline.models import backbones, random_init
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(random_init, "random_init_resnet152_state_dict", lambda seed=0: {"random": seed})
+    cfg = OmegaConf.create({"seed": 3, "backbone": {"name": "scene_resnet", "weights": "unused.pt"}})
+    r = dict(bench.RESNET152_DEFAULTS)
+    assert bench.resnet152_weights(cfg, r) == ({"random": 3}, "random-init", bench.RANDOM_INIT_LABEL)
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save({"w": torch.ones(1)}, hub / backbones.RESNET152_HUB_FILES[0])
+    state, kind, where = bench.resnet152_weights(cfg, r)
+    assert kind == "hub cache" and where == str(hub / backbones.RESNET152_HUB_FILES[0])
+    own = tmp_path / "own.pth"
+    torch.save({"w": torch.zeros(1)}, own)
+    cfg.backbone = {"name": "resnet152", "weights": str(own)}
+    assert bench.resnet152_weights(cfg, r)[1:] == ("file", str(own))
+    r["weights"] = str(tmp_path / "missing.pth")  # a file the user names must exist
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bench.resnet152_weights(cfg, r)

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import extract_features, prepare
 from pipeline.config import compose
 from pipeline.data import processed
-from pipeline.data.errors import MissingDataError
+from pipeline.data.errors import DataError, MissingDataError
 from pipeline.data.feature_store import (PROGRESS_FILE, FeatureStore, FeatureStoreWriter,
-                                         partial_dir)
+                                         NonFiniteFeaturesError, partial_dir)
 from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.models.backbones import SceneResNet, build_backbone
@@ -271,3 +271,112 @@ def test_store_without_fc7_says_how_to_get_it(world, tmp_path):
     assert store.index["fc7_channels"] is None
     with pytest.raises(MissingDataError, match="image_feature=pooled"):
         store.fc7([0])
+
+
+def corrupting_backbone(monkeypatch, image_path, corruption):
+    """Make the stage's backbone return ``corruption`` (nan, inf or a value beyond float16's
+    range) in the grid of one image, recognised by its pixels."""
+    def build(cfg):
+        backbone = build_backbone(cfg)
+        transform = ImageTransform(backbone.input_size, backbone.mean, backbone.std)
+        target = transform(load_image(image_path))
+
+        def corrupt(module, inputs, grid):
+            grid = grid.clone()
+            for row, pixels in enumerate(inputs[0]):
+                if torch.equal(pixels, target):
+                    grid[row, 0, 0, 0] = corruption
+            return grid
+
+        backbone.register_forward_hook(corrupt)
+        return backbone
+
+    monkeypatch.setattr(extract_features, "build_backbone", build)
+
+
+@pytest.mark.parametrize("corruption", [float("nan"), float("inf"), 1e6])
+def test_extraction_refuses_non_finite_features(world, tmp_path, monkeypatch, corruption):
+    """A backbone whose grid is NaN, inf or beyond float16's 65504 for one image: the stage
+    stops naming that image, the count and the fix, and no finished store appears."""
+    cfg = stage_cfg(world, tmp_path, "extract.batch_size=4", "extract.chunk_rows=4")
+    images = processed.load_images(cfg.paths.processed_dir, "train")
+    bad = images[6]  # in the second batch: the first chunk is committed before
+    corrupting_backbone(monkeypatch, Path(cfg.data.root) / bad["image"], corruption)
+    with pytest.raises(NonFiniteFeaturesError) as e:
+        extract_features.run(cfg)
+    message = str(e.value)
+    assert isinstance(e.value, DataError)
+    assert f"image(s) {bad['image_id']} are not finite" in message
+    assert "1 value(s) of grid.npy in their batch" in message
+    assert "backbone.weights" in message and "mean and std" in message
+    if corruption == 1e6:
+        assert "beyond float16's largest value 65504" in message
+        assert "extract.dtype=float32" in message
+    else:
+        assert "inf or NaN already in float32" in message
+        assert "extract.dtype" not in message  # float32 would not help
+    features_dir = tmp_path / "features"
+    assert not (features_dir / "train").exists()
+    assert sorted(p.name for p in features_dir.iterdir()) == ["train.partial"]
+    progress = json.loads((partial_dir(features_dir, "train") / PROGRESS_FILE).read_text())
+    assert progress["rows_done"] == 4
+    with pytest.raises(MissingDataError, match="did not finish"):
+        FeatureStore.open(features_dir, "train")
+
+    # The stage's exit: the message and exit code 2, as for any bad input.
+    from pipeline.config import stage_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        with monkeypatch.context() as patch:
+            patch.setattr("sys.argv", ["extract_features", *[
+                f"{k}={v}" for k, v in [("data", "synthetic_tiny"), ("paths.root", world[0]),
+                                        ("backbone.channels", CHANNELS),
+                                        ("backbone.weights", world[1]),
+                                        ("paths.features_dir", tmp_path / "features"),
+                                        ("paths.metrics_dir", tmp_path / "metrics"),
+                                        ("extract.batch_size", 4), ("extract.chunk_rows", 4),
+                                        ("hydra.run.dir", tmp_path / "hydra"),
+                                        ("hydra.output_subdir", "null")]]])
+            stage_main(extract_features.run)()
+    assert exit_info.value.code == 2
+
+
+def test_float32_store_keeps_values_beyond_float16(world, tmp_path, monkeypatch):
+    """extract.dtype=float32, the fix the error names for values beyond 65504: stored as they
+    are, index.json says float32, and the reader checks the dtype against it."""
+    cfg = stage_cfg(world, tmp_path, "extract.batch_size=4", "extract.dtype=float32")
+    images = processed.load_images(cfg.paths.processed_dir, "val")
+    corrupting_backbone(monkeypatch, Path(cfg.data.root) / images[1]["image"], 1e6)
+    metrics = extract_features.run(cfg)
+    assert metrics["dtype"] == "float32"
+    store = FeatureStore.open(tmp_path / "features", "val")
+    assert store.index["dtype"] == "float32" and store.dtype == np.float32
+    assert np.load(tmp_path / "features" / "val" / "grid.npy", mmap_mode="r").dtype == np.float32
+    assert store.grid(1)[0, 0, 0] == 1e6 and torch.isfinite(store.grid(np.arange(len(store)))).all()
+    index_file = tmp_path / "features" / "val" / "index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({**index, "dtype": "float16"}))
+    with pytest.raises(MissingDataError, match="not a float16 array"):
+        FeatureStore.open(tmp_path / "features", "val")
+    index_file.write_text(json.dumps({**index, "dtype": "int8"}))
+    with pytest.raises(MissingDataError, match="dtype must be one of"):
+        FeatureStore.open(tmp_path / "features", "val")
+
+
+def test_writer_checks_fc7_and_the_cast_before_writing(tmp_path):
+    writer = FeatureStoreWriter(tmp_path, "val", ["a", "b", "c"], (4, 2, 2), {}, "net", 32,
+                                fc7_channels=3, fc7_source="test")
+    fc7 = torch.ones(3, 3)
+    fc7[2, 1] = 7e4  # beyond float16 in fc7 only
+    with pytest.raises(NonFiniteFeaturesError, match=r"image\(s\) c are not finite: 1 value\(s\) of fc7.npy"):
+        writer.append(torch.ones(3, 4, 2, 2), fc7)
+    assert writer.rows_written == 0
+    writer.append(torch.ones(3, 4, 2, 2), torch.ones(3, 3))
+    writer.finish()
+    # 65504 itself is float16's largest value: stored
+    writer = FeatureStoreWriter(tmp_path, "train", [1, 2], (4, 2, 2), {}, "net", 32)
+    writer.append(torch.full((2, 4, 2, 2), 65504.0))
+    writer.finish()
+    assert FeatureStore.open(tmp_path, "train").grid(0).max() == 65504
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        FeatureStoreWriter(tmp_path, "x", [1], (4, 2, 2), {}, "net", 32, dtype="bfloat16")

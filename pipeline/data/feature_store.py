@@ -12,7 +12,10 @@ instead of running the CNN every epoch. Layout (written by ``python -m pipeline.
                                             "grid_shape": [C, h, w], "dtype": "float16",
                                             "fc7_channels": D or null, "fc7_source": what fc7 is}
 
-Both arrays are real ``.npy`` files (``np.load(path, mmap_mode="r")`` reads them).
+The arrays are real ``.npy`` files (``np.load(path, mmap_mode="r")`` reads them). ``dtype`` is
+float16 by default; ``extract.dtype=float32`` stores float32 (twice the bytes), and index.json
+says which. Every stored value is finite: the writer refuses a batch whose features are inf or
+NaN, in float32 or after the cast (:class:`NonFiniteFeaturesError`).
 
 An extraction in progress lives in ``<split_key>.partial/`` next to the final folder, with a
 ``progress.json`` that says how many rows are safely on disk. A killed extraction resumes from
@@ -31,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.errors import MissingDataError
+from pipeline.data.errors import DataError, MissingDataError
 from pipeline.io import read_json, replace_directory, write_json
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,9 @@ FC7_FILE = "fc7.npy"
 INDEX_FILE = "index.json"
 PROGRESS_FILE = "progress.json"
 PARTIAL_SUFFIX = ".partial"
-STORE_DTYPE = np.dtype(np.float16)
+STORE_DTYPE = np.dtype(np.float16)  # the default (extract.dtype)
+STORE_DTYPES = ("float16", "float32")
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger values become inf in the cast
 EXTRACT_COMMAND = "python -m pipeline.extract_features"
 
 Rows = int | Sequence[int] | np.ndarray | torch.Tensor
@@ -70,13 +75,29 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return tuple(shape), dtype, f.tell()
 
 
-def _npy_matches(path: Path, shape: tuple[int, ...]) -> bool:
-    """Whether ``path`` is a float16 ``.npy`` of exactly ``shape`` (False if unreadable)."""
+def store_dtype(name: str | np.dtype | None) -> np.dtype:
+    """The store's array dtype from its name (``extract.dtype``, index.json's ``dtype``);
+    None is the default, float16."""
+    if name is None:
+        return STORE_DTYPE
+    dtype = np.dtype(name) if str(name) in STORE_DTYPES else None
+    if dtype is None:
+        raise ValueError(f"feature store dtype must be one of {STORE_DTYPES}, got {name!r}")
+    return dtype
+
+
+def _npy_matches(path: Path, shape: tuple[int, ...], dtype: np.dtype = STORE_DTYPE) -> bool:
+    """Whether ``path`` is a ``.npy`` of exactly ``shape`` and ``dtype`` (False if unreadable)."""
     try:
-        found_shape, dtype, _ = _npy_header(path)
+        found_shape, found_dtype, _ = _npy_header(path)
     except (OSError, ValueError, KeyError):
         return False
-    return found_shape == shape and dtype == STORE_DTYPE
+    return found_shape == shape and found_dtype == dtype
+
+
+class NonFiniteFeaturesError(DataError):
+    """The backbone gave features that are inf or NaN, or that float16 cannot hold: nothing of
+    the batch is written. The message names the images, the count and the fix."""
 
 
 class _RowReader:
@@ -130,14 +151,19 @@ class FeatureStore:
                 "data=, backbone= and paths.root settings first", directory)
         index = read_json(directory / INDEX_FILE)
         n, grid_shape = len(index["image_ids"]), tuple(index["grid_shape"])
+        try:
+            dtype = store_dtype(index.get("dtype"))
+        except ValueError as e:
+            raise MissingDataError(f"{e} in index.json: rerun `{EXTRACT_COMMAND}`",
+                                   directory / INDEX_FILE) from None
         arrays = [(GRID_FILE, (n, *grid_shape)), (POOLED_FILE, (n, grid_shape[0]))]
         if index.get("fc7_channels"):
             arrays.append((FC7_FILE, (n, int(index["fc7_channels"]))))
         for name, shape in arrays:
-            if not _npy_matches(directory / name, shape):
+            if not _npy_matches(directory / name, shape, dtype):
                 raise MissingDataError(
-                    f"{name} is missing or is not a float16 array of shape {shape} as index.json "
-                    f"says: rerun `{EXTRACT_COMMAND}`", directory / name)
+                    f"{name} is missing or is not a {dtype.name} array of shape {shape} as "
+                    f"index.json says: rerun `{EXTRACT_COMMAND}`", directory / name)
         return cls(directory, index)
 
     def __len__(self) -> int:
@@ -159,6 +185,11 @@ class FeatureStore:
     @property
     def input_size(self) -> int:
         return int(self.index["input_size"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The arrays' dtype on disk (reads always return float32)."""
+        return store_dtype(self.index.get("dtype"))
 
     def row_of(self, image_id) -> int:
         try:
@@ -226,6 +257,11 @@ class FeatureStoreWriter:
     continues at ``rows_done``; for anything else it starts over. :meth:`finish` writes
     index.json and renames the folder into place.
 
+    ``dtype`` (``float16``, the default, or ``float32``) is the arrays' type on disk. A batch
+    with a non-finite value, in float32 or after the cast to ``dtype`` (float16 holds at most
+    65504), raises :class:`NonFiniteFeaturesError` naming its images before anything of it is
+    written; the partial folder keeps the rows before it.
+
     Usage: ``writer = FeatureStoreWriter(...)``; feed the grids of images
     ``image_ids[writer.rows_done:]`` in order to :meth:`append`; then :meth:`finish`.
     """
@@ -233,9 +269,10 @@ class FeatureStoreWriter:
     def __init__(self, features_dir: str | os.PathLike, split_key: str, image_ids: Sequence,
                  grid_shape: Sequence[int], config: dict, backbone: str, input_size: int,
                  chunk_rows: int = 256, fc7_channels: int | None = None,
-                 fc7_source: str | None = None):
+                 fc7_source: str | None = None, dtype: str | None = None):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        self.dtype = store_dtype(dtype)
         self.final_dir = store_dir(features_dir, split_key)
         self.partial_dir = partial_dir(features_dir, split_key)
         self.image_ids = _json_normalised(list(image_ids))
@@ -266,7 +303,7 @@ class FeatureStoreWriter:
             progress = read_json(progress_file)
             same_inputs = (progress["image_ids"] == self.image_ids
                            and progress["config"] == self.config
-                           and all(_npy_matches(self.partial_dir / name, shape)
+                           and all(_npy_matches(self.partial_dir / name, shape, self.dtype)
                                    for name, shape in self._shapes.items()))
             if same_inputs:
                 log.info("resuming %s at row %d of %d", self.partial_dir, progress["rows_done"],
@@ -279,7 +316,7 @@ class FeatureStoreWriter:
         for name, shape in self._shapes.items():
             # Allocates a sparse file of the final size (rows are filled in place later) and
             # unmaps it at once: append() maps it again only for the rows it writes.
-            np.lib.format.open_memmap(self.partial_dir / name, mode="w+", dtype=STORE_DTYPE,
+            np.lib.format.open_memmap(self.partial_dir / name, mode="w+", dtype=self.dtype,
                                       shape=shape)
         return 0
 
@@ -302,17 +339,63 @@ class FeatureStoreWriter:
             if tuple(fc7.shape) != (grid.shape[0], self.fc7_channels):
                 raise ValueError(f"fc7 of shape {tuple(fc7.shape)} does not match "
                                  f"{(grid.shape[0], self.fc7_channels)}")
+        # Pooled from the float32 grid, not from its float16 copy.
+        rows = {GRID_FILE: grid.numpy(), POOLED_FILE: grid.mean(dim=(2, 3)).numpy()}
+        if fc7 is not None:
+            rows[FC7_FILE] = fc7.numpy()
+        stored = self._checked_cast(rows, start)
         if self._arrays is None:
             self._arrays = {name: np.lib.format.open_memmap(self.partial_dir / name, mode="r+")
                             for name in self._shapes}
-        self._arrays[GRID_FILE][start:end] = grid.numpy()
-        # Pooled from the float32 grid, not from its float16 copy.
-        self._arrays[POOLED_FILE][start:end] = grid.mean(dim=(2, 3)).numpy()
-        if fc7 is not None:
-            self._arrays[FC7_FILE][start:end] = fc7.numpy()
+        for name, values in stored.items():
+            self._arrays[name][start:end] = values
         self.rows_written = end
         if self.rows_written - self.rows_done >= self.chunk_rows:
             self._commit()
+
+    def _checked_cast(self, rows: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
+        """``rows`` (float32, by file name) cast to the store's dtype, after checking that every
+        value is finite before and after the cast; else :class:`NonFiniteFeaturesError`."""
+        with np.errstate(over="ignore"):  # an overflow in the cast is found and reported below
+            stored = {name: values.astype(self.dtype) for name, values in rows.items()}
+        for name, values in rows.items():
+            bad = ~np.isfinite(values)
+            if bad.any():
+                raise self._non_finite_error(name, values, bad, False, start)
+            bad = ~np.isfinite(stored[name])
+            if bad.any():
+                raise self._non_finite_error(name, values, bad, True, start)
+        return stored
+
+    def _non_finite_error(self, name: str, values: np.ndarray, bad: np.ndarray, in_cast: bool,
+                          start: int) -> NonFiniteFeaturesError:
+        """The error for the non-finite ``bad`` entries of ``values`` (float32 rows of ``name``
+        from row ``start``): which images, how many values, what to do."""
+        rows = np.flatnonzero(bad.reshape(len(bad), -1).any(1))
+        images = [self.image_ids[start + int(r)] for r in rows]
+        shown = ", ".join(map(str, images[:10]))
+        if len(images) > 10:
+            shown += f" and {len(images) - 10} more"
+        finite = np.abs(values[np.isfinite(values)])
+        largest = f"{finite.max():.4g}" if finite.size else "none"
+        if in_cast:
+            what = (f"finite in float32 but beyond {self.dtype.name}'s largest value "
+                    f"{FLOAT16_MAX:g}, so they would be stored as inf (largest |value| {largest})")
+        else:
+            what = ("inf or NaN already in float32, as the backbone returned them (largest "
+                    f"finite |value| {largest})")
+        fix = (f"check the {self.backbone} weights (backbone.weights): trained weights keep the "
+               "features far below float16's limit (ImageNet weights keep ResNet-152's res5c well "
+               "inside it), whereas random, corrupt or foreign weights, or BatchNorm statistics "
+               "that do not fit them, do not; and check that the images are normalised with the "
+               "backbone's mean and std")
+        if in_cast:
+            fix += "; or store float32 features with extract.dtype=float32"
+        return NonFiniteFeaturesError(
+            f"{self.backbone} features of image(s) {shown} are not finite: {int(bad.sum())} "
+            f"value(s) of {name} in their batch (rows {start}-{start + len(bad) - 1}, {bad.size} "
+            f"values) are {what}. Nothing of this batch was written; the store stays unfinished in "
+            f"{self.partial_dir.name}/. Fix: {fix}.", self.partial_dir)
 
     def _commit(self) -> None:
         """Make the written rows durable, then record them in progress.json."""
@@ -337,7 +420,7 @@ class FeatureStoreWriter:
             "backbone": self.backbone,
             "input_size": self.input_size,
             "grid_shape": list(self.grid_shape),
-            "dtype": STORE_DTYPE.name,
+            "dtype": self.dtype.name,
             "fc7_channels": self.fc7_channels,
             "fc7_source": self.fc7_source,
         }, indent=None)
