@@ -1,6 +1,8 @@
 # Two commands to set up and go (see README):
-#   make repro   create .venv, install, regenerate every output with `dvc repro`, check it is up to date
+#   make repro   create .venv, install, write params.yaml from conf/, regenerate every output with
+#                `dvc repro`, check it is up to date
 #   make test    create .venv if missing, install, run the test suite (CI runs this)
+#   make params  write params.yaml alone: conf/ composed and resolved, what dvc.yaml's stages read
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +13,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # No network at run time: wandb logs offline unless a user opts in.
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-all repro bench clean-venv
+.PHONY: install test test-all params repro bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +31,14 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -m "slow or not slow"
 
+# params.yaml is the composition of conf/ (python -m pipeline.config, the same composition DVC
+# makes for `dvc exp run -S`): regenerated first, so that one edit of conf/ is all a change needs.
+params: install
+	$(BIN)/python -m pipeline.config
+
 # Then the check that the run reproduced itself: a second look finds nothing to re-run
 # (fails if a stage's outputs or the lock changed under it).
-repro: install
+repro: params
 	$(BIN)/dvc repro
 	@$(BIN)/dvc status --quiet || { $(BIN)/dvc status; echo "dvc repro left stages out of date" >&2; exit 1; }
 	@echo "dvc status: pipeline up to date, a second dvc repro has nothing to do"

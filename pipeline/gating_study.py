@@ -55,9 +55,10 @@ from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import gating, inputs
-from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.outputs import (figures_dir, json_safe, log_to_wandb, not_measured_figure, save_figure,
+                                         tables_dir, write_table)
 from pipeline.evaluation.stats import spearman_rows, summarise
-from pipeline.io import write_json
+from pipeline.io import write_json, write_text
 from pipeline.models import load_trained_model
 from pipeline.models.checkpoint import trained_model_path
 
@@ -306,6 +307,9 @@ def sweep_figure(table: pd.DataFrame, path):
 # --------------------------------------------------------------------------------------------
 
 
+NO_SWEEP = "no ground-truth masks or same-answer pairs on this data (synthetic data only)"
+
+
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     ev = cfg.evaluation
@@ -330,9 +334,8 @@ def run(cfg: DictConfig) -> dict:
             sweep_rows += rows_sweep
             m["sweep"] = headline
         else:
-            reason = "no ground-truth masks or same-answer pairs on this data (real VQA)"
-            log.info("%s: top-n sweep skipped: %s", model, reason)
-            m["sweep"] = {"skipped": reason}
+            log.info("%s: top-n sweep skipped: %s", model, NO_SWEEP)
+            m["sweep"] = {"skipped": NO_SWEEP}
         metrics["models"][model] = m
 
     tables = {"gating_top_neurons": pd.DataFrame(top_rows, columns=TOP_COLUMNS),
@@ -345,6 +348,13 @@ def run(cfg: DictConfig) -> dict:
         write_table(df, tables_dir(cfg) / f"{name}.csv")
     if sweep_rows:
         figures["gating_sweep"] = sweep_figure(tables["gating_sweep"], figures_dir(cfg) / "gating_sweep.png")
+    else:
+        # The sweep's outputs say why it is missing (dvc.yaml declares them; no table from an
+        # earlier run on the synthetic world may stay behind).
+        csv = tables_dir(cfg) / "gating_sweep.csv"
+        write_table(pd.DataFrame(columns=SWEEP_COLUMNS), csv, markdown=False)
+        write_text(csv.with_suffix(".md"), f"Not measured: {NO_SWEEP}.\n")
+        not_measured_figure(figures_dir(cfg) / "gating_sweep.png", NO_SWEEP)
     metrics = json_safe(metrics)
     write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
     summary = {f"{model}/{k}": v for model, m in metrics["models"].items()

@@ -4,8 +4,19 @@
 
 Writes ``${backbone.weights}`` (``models/backbone/scene_resnet.pt``: weights, channels, input
 size, label names) and ``${paths.metrics_dir}/pretrain_backbone.json`` (validation accuracy of
-the presence, count and cell labels per epoch; then of the fc7 classifier per fc epoch). With ``backbone=resnet152`` there is nothing to train
-(ImageNet weights are used); the stage checks that they are present.
+the presence, count and cell labels per epoch; then of the fc7 classifier per fc epoch).
+
+Nothing to train in two cases; the stage then checks its input and says so:
+
+- ``backbone=resnet152`` uses ImageNet weights: the stage finds them and writes a record of the
+  file (path, sha256) to ``${backbone.pretrained}`` (``models/backbone/resnet152.json``);
+- ``backbone=scene_resnet`` on real data (no scene descriptions to train on): the weights
+  pretrained on the synthetic world must already be at ``backbone.weights``; the stage checks
+  that they load at ``backbone.input_size`` and keeps them (dvc.yaml marks the file
+  ``persist``, so switching the data to a real set does not delete it).
+
+``${backbone.pretrained}`` is what dvc.yaml records as the stage's output and the later stages'
+input.
 """
 from __future__ import annotations
 
@@ -14,11 +25,12 @@ import logging
 from omegaconf import DictConfig
 
 from pipeline.config import abspath, stage_main
+from pipeline.data.download import sha256_file
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.synthetic import load_ground_truth
 from pipeline.io import save_torch, write_json
-from pipeline.models.backbones import SceneResNet, find_resnet152_weights
+from pipeline.models.backbones import SceneResNet, build_backbone, find_resnet152_weights
 from pipeline.models.pretraining import (CELL_LABELS, COUNT_LABELS, NUM_CELL_LABELS,
                                          NUM_LABELS, PRESENCE_LABELS, load_split_tensors,
                                          pretrain, pretrain_fc)
@@ -27,17 +39,37 @@ from pipeline.seeding import seed_everything
 log = logging.getLogger(__name__)
 
 
+def check_pretrained_scene_resnet(cfg: DictConfig, metrics_path) -> dict:
+    """Real data: scene_resnet cannot be pretrained on it (no scene descriptions), so the
+    weights pretrained on the synthetic world must be there already, for this input size."""
+    path = abspath(cfg.backbone.weights)
+    if not path.is_file():
+        raise DataError(
+            f"scene_resnet is pretrained on the synthetic world's scene descriptions, which "
+            f"data={cfg.data.name} lacks: pretrain it on the synthetic world first (python -m "
+            f"pipeline.pretrain_backbone data=synthetic backbone.input_size="
+            f"{cfg.backbone.input_size}), so that backbone.weights is there, or use "
+            f"backbone=resnet152 (preset={cfg.data.name})", path)
+    build_backbone(cfg.backbone)  # loads, and checks the input size the file was trained at
+    log.info("data=%s has nothing to pretrain scene_resnet on: using the weights pretrained on "
+             "the synthetic world at %s", cfg.data.name, path)
+    return write_json(metrics_path, {"backbone": "scene_resnet", "weights": str(cfg.backbone.weights),
+                                     "pretrained_here": False, "sha256": sha256_file(path)})
+
+
 def run(cfg: DictConfig) -> dict:
     metrics_path = abspath(cfg.paths.metrics_dir) / "pretrain_backbone.json"
     if cfg.backbone.name == "resnet152":
         path = find_resnet152_weights(cfg.backbone.get("weights"))
         log.info("resnet152 uses ImageNet weights from %s; nothing to pretrain", path)
-        return write_json(metrics_path, {"backbone": "resnet152", "weights": str(path)})
+        record = {"backbone": "resnet152", "weights": str(path)}
+        if cfg.backbone.get("pretrained"):
+            write_json(abspath(cfg.backbone.pretrained), {**record, "sha256": sha256_file(path)})
+        return write_json(metrics_path, record)
     if cfg.backbone.name != "scene_resnet":
         raise ValueError(f"pretrain_backbone knows scene_resnet and resnet152, not {cfg.backbone.name!r}")
     if cfg.data.source != "synthetic":
-        raise DataError("scene_resnet is pretrained on the synthetic world's scene descriptions; "
-                        "for real data use backbone=resnet152", cfg.data.root)
+        return check_pretrained_scene_resnet(cfg, metrics_path)
 
     seed_everything(int(cfg.seed))
     root = abspath(cfg.data.root)

@@ -6,7 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
-from pipeline import prepare
+from pipeline import generate, prepare
 from pipeline.config import compose
 from pipeline.data import processed
 from pipeline.data.errors import DataError, MissingDataError
@@ -162,7 +162,7 @@ def test_killed_stage_leaves_previous_outputs(tmp_path, monkeypatch):
         (args[1] / "half_written.json").write_text("{")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "generate_world", killed_mid_write)
+    monkeypatch.setattr(generate, "generate_world", killed_mid_write)  # prepare generates through it
     with pytest.raises(KeyboardInterrupt):
         prepare.run(cfg)
     assert _snapshot(raw) == before_raw and _snapshot(out) == before_out

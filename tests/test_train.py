@@ -209,7 +209,7 @@ def test_changed_settings_do_not_resume(world, monkeypatch, caplog):
     assert (world / "checkpoints/lstm_cnn/last.ckpt").is_file()
     monkeypatch.setattr(lightning_module.VQALightningModule, "on_train_epoch_end", lambda self: None)
     with caplog.at_level(logging.WARNING):
-        train.run(tiny_cfg(world, "model=lstm_cnn", "model.optim.patience=0", "model.optim.lr=0.001"))
+        train.run(tiny_cfg(world, "model=lstm_cnn", "model.optim.patience=0", "model.optim.lr=0.002"))
     assert "other settings; starting afresh" in caplog.text
 
 

@@ -76,6 +76,18 @@ def save_figure(fig, path: Path, dpi: int = 120) -> Path:
     return path
 
 
+def not_measured_figure(path: Path, reason: str) -> Path:
+    """A small figure that says why a measurement was left out (e.g. it needs the synthetic
+    world's ground truth): a stage writes every output dvc.yaml declares, and none from an
+    earlier run on other data may stay behind."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 1))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"Not measured: {reason}", ha="center", va="center", wrap=True, fontsize=8)
+    return save_figure(fig, path)
+
+
 def _typed_for_wandb(df: pd.DataFrame) -> pd.DataFrame:
     """wandb tables need one type per column: text columns that mix types (a flag left empty on
     the reference row) are logged as text."""
