@@ -131,7 +131,6 @@ class ParamsMode:
 
     @classmethod
     def load(cls, path: str | Path, args: Sequence[str], check_stale: bool = True) -> "ParamsMode":
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from hydra.errors import HydraException
 
@@ -175,10 +174,11 @@ class ParamsMode:
             warnings.append(message)
         cfg = OmegaConf.create(data)
         OmegaConf.set_struct(cfg, True)  # as Hydra's config: a misspelt key is an error
-        try:
-            ConfigLoaderImpl._apply_overrides_to_config(keys, cfg)
-        except HydraException as e:
-            raise DataError(f"{e}", path) from e
+        # `model.*` overrides apply after `model=<name>` has chosen models.<name> (else the choice
+        # would drop them: `model=lstm_cnn model.optim.max_epochs=3`); the others before it (so
+        # that `models.lstm_cnn.optim.lr=...` reaches the chosen model too).
+        on_model = [o for o in keys if o.key_or_group.startswith("model.")]
+        _apply_overrides(cfg, [o for o in keys if o not in on_model], path)
         models = cfg.get("models") or {}
         if "model" in cfg and models.get(cfg.model.get("name")) not in (None, cfg.model):
             warnings.append(
@@ -191,10 +191,21 @@ class ParamsMode:
                     f"`- model@models.{model}: {model}` in conf/config.yaml's defaults), then "
                     "`make params`", path)
             cfg.model = OmegaConf.to_container(models[model])
+        _apply_overrides(cfg, on_model, path)
         OmegaConf.resolve(cfg)
         # Hydra's own composition (log and run folder) follows the file's log folder.
         hydra_args.append(f"paths.log_dir={_quote(cfg.paths.log_dir)}")
         return cls(path, cfg, hydra_args, warnings)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: list, path: Path) -> None:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import HydraException
+
+    try:
+        ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
+    except HydraException as e:
+        raise DataError(f"{e}", path) from e
 
 
 def _config_groups(conf_dir: Path) -> set[str]:
@@ -242,7 +253,7 @@ def stage_main(run: Callable[[DictConfig], object]) -> Callable[[], None]:
                 log.warning("%s", message)
         try:
             set_threads(cfg.get("threads"))
-            run(cfg)
+            run(as_replicate(cfg))
         except (DataError, FileNotFoundError) as e:
             _fail(e)
         log.info("stage %s finished in %.1f s", HydraConfig.get().job.name,
@@ -283,6 +294,60 @@ def _record_params_config(cfg: DictConfig, hydra_cfg) -> None:
     target = Path(hydra_cfg.runtime.output_dir) / str(subdir) / "config.yaml"
     if target.parent.is_dir():
         target.write_text(OmegaConf.to_yaml(cfg))
+
+
+# --- training-seed replicates -----------------------------------------------------------------
+
+def training_seeds(cfg: DictConfig) -> list[int]:
+    """The main run's ``train.seed`` then every ``replicates.seeds`` entry: the training runs the
+    rank-correlation table spreads over. A repeated seed would count one run twice: an error."""
+    seeds = [int(cfg.train.seed), *(int(s) for s in (cfg.get("replicates") or {}).get("seeds") or [])]
+    if len(set(seeds)) != len(seeds):
+        raise DataError(f"replicates.seeds {seeds[1:]} repeats a seed or the main run's train.seed "
+                        f"({seeds[0]}): each replicate needs a seed of its own")
+    return seeds
+
+
+# The output folders of a run that a replicate has its own of: each gets replicates/seed<k>/.
+REPLICATE_PATHS = ("models_dir", "checkpoints_dir", "metrics_dir", "log_dir", "attributions_dir")
+
+
+def replicate_config(cfg: DictConfig, seed: int) -> DictConfig:
+    """The config of training-seed replicate ``seed``: ``train.seed = seed``, and every output
+    folder of the run (models, checkpoints, metrics, logs, attribution stores) with
+    ``replicates/seed<k>`` appended, e.g. ``models/replicates/seed1/mlb/model.pt`` and
+    ``attributions/<data>/replicates/seed1/mlb``. Inside the main folders, so the stages that
+    read every model's store (rank_correlation, report) already depend on the replicates' through
+    ``paths.attributions_dir``, and a run without replicates has no folder missing. dvc.yaml's
+    ``*_replicate`` stages name the same places as their outputs (tests/test_replicates.py checks
+    that the two agree). Every other setting, the data and the backbone included, is the main
+    run's."""
+    import copy
+
+    from omegaconf import open_dict
+
+    seed = int(seed)
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.replicate = seed
+        out.train.seed = seed
+        for key in REPLICATE_PATHS:
+            out.paths[key] = f"{cfg.paths[key]}/replicates/seed{seed}"
+    return out
+
+
+def as_replicate(cfg: DictConfig) -> DictConfig:
+    """``cfg`` itself, or the replicate's config when ``replicate`` is set (a stage's command line
+    ``replicate=k``)."""
+    replicate = cfg.get("replicate")
+    if replicate is None:
+        return cfg
+    if isinstance(replicate, bool) or not isinstance(replicate, int):
+        raise DataError(f"replicate is a training seed (a whole number) or null, got {replicate!r}")
+    if replicate == int(cfg.train.seed):
+        raise DataError(f"replicate={replicate} is the main run's train.seed: its outputs are the "
+                        "main run's; drop `replicate=` or pick another seed")
+    return replicate_config(cfg, replicate)
 
 
 def set_threads(threads: object) -> None:

@@ -31,7 +31,18 @@ answer's logit mostly falls when the counted objects' features grow (stage ``evi
 measures this; growing features is not adding objects). ``rank_correlation_by_answer_type`` makes
 that visible instead of averaging it away.
 
+Training seeds. The bootstrap interval is over questions for one trained model; a model trained
+with another seed (or on another CPU, whose float path is another training run) moves every
+number. Every model is therefore also trained and explained with each of ``replicates.seeds``
+(stages train_replicate@ / attribute_replicate@), and every row gets the spread of its mean over
+the main run and the replicates (``seed_mean``, ``seed_sd`` with ddof 1, ``seed_min``,
+``seed_max``) and ``beats_random_seeds`` (on how many seeds its interval lies above that seed's
+random interval); ``beats_random_every_seed`` is the verdict the report uses: a method beats
+random only if it does so on every seed. ``mean`` / ``ci_*`` / ``beats_random`` stay the main
+run's (``train.seed``). ``rank_correlation_by_seed`` has each seed's row.
+
 Writes ``reports/tables/rank_correlation.{csv,md}``,
+``reports/tables/rank_correlation_by_seed.{csv,md}``,
 ``reports/tables/rank_correlation_by_answer_type.{csv,md}``,
 ``reports/figures/rank_correlation{,_by_answer_type}.png`` and
 ``reports/metrics/rank_correlation.json``.
@@ -49,7 +60,7 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.attribution.store import read_arrays
-from pipeline.config import abspath, stage_main
+from pipeline.config import abspath, replicate_config, stage_main, training_seeds
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import (figures_dir, json_safe, log_to_wandb, markdown_table, save_figure,
@@ -62,8 +73,14 @@ log = logging.getLogger(__name__)
 STAGE = "rank_correlation"
 HUMAN = "human"
 GROUND_TRUTH = "ground_truth"
+SEED_COLUMNS = ["seeds", "seed_mean", "seed_sd", "seed_min", "seed_max", "beats_random_seeds",
+                "beats_random_every_seed"]
 COLUMNS = ["model", "method", "reference", "n", "mean", "ci_low", "ci_high", "mean_all_questions",
-           "constant", "ties", "no_reference_map", "invalid", "constant_reference", "beats_random"]
+           "constant", "ties", "no_reference_map", "invalid", "constant_reference", "beats_random",
+           *SEED_COLUMNS]
+BY_SEED = f"{STAGE}_by_seed"
+BY_SEED_COLUMNS = ["model", "method", "reference", "seed", "n", "mean", "ci_low", "ci_high",
+                   "beats_random"]
 BY_TYPE = f"{STAGE}_by_answer_type"
 BY_TYPE_COLUMNS = ["model", "method", "reference", "answer_type", "n", "mean", "ci_low", "ci_high",
                    "beats_random"]
@@ -73,19 +90,17 @@ def load_image_maps(cfg, model: str, method: str, question_ids: list[int]) -> tu
     """(N x H x W image maps as float32, N valid flags) of one method, in index order. Only the
     three arrays needed are decompressed (the raw maps and extras are most of the file)."""
     path = inputs.attribution_dir(cfg, model) / f"{method}.npz"
+    rerun = inputs.rerun_attribute(cfg, model)
     if not path.is_file():
         raise DataError(f"the attribution store of {model} lists {method!r} but has no arrays for "
-                        f"it: rerun `python -m pipeline.attribute model={model}` "
-                        f"(stage attribute@{model})", path)
+                        f"it: {rerun}", path)
     data = read_arrays(path, ["question_ids", "image_map", "valid"])
     missing = {"question_ids", "image_map", "valid"} - set(data)
     if missing:
-        raise DataError(f"{method!r} lacks {sorted(missing)}: rerun `python -m pipeline.attribute "
-                        f"model={model}` (stage attribute@{model})", path)
+        raise DataError(f"{method!r} lacks {sorted(missing)}: {rerun}", path)
     if data["question_ids"].tolist() != question_ids:
         raise DataError(f"the question ids of {method!r} differ from the store's index (a "
-                        f"half-written store?): rerun `python -m pipeline.attribute "
-                        f"model={model}` (stage attribute@{model})", path)
+                        f"half-written store?): {rerun}", path)
     return data["image_map"].astype(np.float32), data["valid"].astype(bool)
 
 
@@ -210,6 +225,16 @@ def all_questions_mean(table: pd.DataFrame) -> pd.Series:
         return pd.Series(np.where(total > 0, scored_sum / total, np.nan), index=table.index)
 
 
+def seed_cell(row) -> str:
+    """"mean ± sd [min, max] (n seeds)" of a row's per-seed means; "–" without seeds."""
+    if pd.isna(row.seeds) or not row.seeds or math.isnan(row.seed_mean):
+        return "–"
+    if row.seeds == 1:
+        return f"{row.seed_mean:.3f} (1 seed)"
+    return (f"{row.seed_mean:.3f} ± {row.seed_sd:.3f} [{row.seed_min:.3f}, {row.seed_max:.3f}] "
+            f"({row.seeds} seeds)")
+
+
 def readable_table(table: pd.DataFrame) -> pd.DataFrame:
     """The Markdown view: grouped by reference and model (a name shown once per group), the
     interval as one column."""
@@ -225,14 +250,21 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
                      "constant": row.constant, "ties": row.ties,
                      "no reference map": row.no_reference_map, "invalid": row.invalid,
                      "constant reference": row.constant_reference,
-                     "beats random": {True: "yes", False: "no"}.get(row.beats_random, "")})
+                     "beats random": {True: "yes", False: "no"}.get(row.beats_random, ""),
+                     "training seeds: mean ± sd [min, max]": seed_cell(row),
+                     "beats random on every seed": {True: "yes", False: "no"}.get(
+                         row.beats_random_every_seed, "") + (f" ({row.beats_random_seeds})"
+                                                             if isinstance(row.beats_random_seeds, str)
+                                                             and row.beats_random_seeds else "")})
         previous = group
     return pd.DataFrame(rows)
 
 
-def plot(table: pd.DataFrame, references: list[str], resolution: int):
+def plot(table: pd.DataFrame, references: list[str], resolution: int,
+         by_seed: pd.DataFrame | None = None):
     """Horizontal bars (mean rho) with bootstrap-interval whiskers: one panel per reference,
-    one bar per model side by side within each method."""
+    one bar per model side by side within each method; a black dot on a bar for each training
+    seed's mean (``by_seed``), so the spread across seeds sits next to the interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,6 +291,12 @@ def plot(table: pd.DataFrame, references: list[str], resolution: int):
                                  rows["ci_high"].to_numpy(dtype=float) - mean])
             ax.barh(y, mean, height=height if model != HUMAN else 0.5, color=colours[model],
                     xerr=np.nan_to_num(whiskers), capsize=2, label=model, error_kw={"lw": 0.8})
+            if by_seed is not None and model != HUMAN:
+                seeds = by_seed[(by_seed["model"] == model) & (by_seed["reference"] == reference)]
+                y_of = dict(zip(rows["method"], y))
+                seeds = seeds[seeds["method"].isin(y_of)]
+                ax.scatter(seeds["mean"].to_numpy(dtype=float), [y_of[m] for m in seeds["method"]],
+                           s=6, color="black", zorder=3, label="training seeds" if k == 0 else None)
         ax.axvline(0, color="black", lw=0.6)
         ax.set_title(f"reference: {reference.replace('_', ' ')}")
         ax.set_xlabel(f"Spearman rho over {resolution}x{resolution} cells (mean, 95% CI)")
@@ -356,6 +394,59 @@ def plot_by_type(table: pd.DataFrame, reference: str):
     return fig
 
 
+def score_run(cfg, models: list[str], references: dict[str, dict], boot: dict,
+              question_ids: dict[str, list[int]] | None = None) -> tuple[list[dict], list[tuple]]:
+    """Rows (model, method, reference, summary, counts) and per-question scores of every method
+    with an image map in every model's store of one training run (``cfg``: the main run's or a
+    replicate's). ``question_ids``, when given, are the main run's: a replicate's store must hold
+    the same questions in the same order."""
+    rows, scores = [], []
+    for model in models:
+        index = inputs.load_store(cfg, model)
+        ids = [int(q["question_id"]) for q in index["questions"]]
+        if question_ids is not None and ids != question_ids[model]:
+            raise DataError(f"the attribution store of {model} covers other questions than the main "
+                            f"run's: {inputs.rerun_attribute(cfg, model)}", inputs.attribution_dir(cfg, model))
+        answer_types = [str(q.get("answer_type", "unknown")) for q in index["questions"]]
+        methods = [m for m in inputs.available_methods(index)
+                   if "image_map" in index["methods"][m].get("arrays", [])]
+        for method in tqdm(methods, desc=f"rank correlation {model}", unit="method", leave=False):
+            maps, valid = load_image_maps(cfg, model, method, ids)
+            small = inputs.to_resolution(np.abs(maps), int(cfg.evaluation.resolution))
+            # A map that is finite at full resolution stays finite after area averaging, but an
+            # overflow in float16 would not: recheck.
+            valid = valid & np.isfinite(small.reshape(len(small), -1)).all(1)
+            for reference, reference_maps in references.items():
+                rho, counts = score_maps(small, valid, ids, reference_maps)
+                rows.append({"model": model, "method": method, "reference": reference,
+                             **summarise(rho, **boot), **counts})
+                scores.append((model, method, reference, rho, answer_types))
+    return rows, scores
+
+
+def seed_spread(by_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method, reference): how many seeds have a mean, the mean, sd (ddof 1: the
+    seeds are a sample of training runs), min and max of the per-seed means, on how many seeds
+    the row beats random ("k/n"), and whether it does on every seed (empty when some seed's
+    verdict is undetermined)."""
+    rows = []
+    for (model, method, reference), group in by_seed.groupby(["model", "method", "reference"], sort=False):
+        means = group["mean"].to_numpy(dtype=np.float64)
+        means = means[np.isfinite(means)]
+        verdicts = [v for v in group["beats_random"]]
+        decided = [v for v in verdicts if isinstance(v, (bool, np.bool_))]
+        every = "" if method == RANDOM or len(decided) < len(verdicts) else bool(all(decided))
+        rows.append({"model": model, "method": method, "reference": reference,
+                     "seeds": int(len(means)),
+                     "seed_mean": float(means.mean()) if len(means) else float("nan"),
+                     "seed_sd": float(means.std(ddof=1)) if len(means) > 1 else float("nan"),
+                     "seed_min": float(means.min()) if len(means) else float("nan"),
+                     "seed_max": float(means.max()) if len(means) else float("nan"),
+                     "beats_random_seeds": "" if method == RANDOM else f"{sum(map(bool, decided))}/{len(verdicts)}",
+                     "beats_random_every_seed": every})
+    return pd.DataFrame(rows, columns=["model", "method", "reference", *SEED_COLUMNS])
+
+
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluation
@@ -366,6 +457,7 @@ def run(cfg: DictConfig) -> dict:
     models = [str(m) for m in e.models]
     if not models:
         raise DataError("evaluation.models is empty: name at least one model")
+    seeds = training_seeds(cfg)
     indexes = {m: inputs.load_store(cfg, m) for m in models}
     question_ids = {m: [int(q["question_id"]) for q in indexes[m]["questions"]] for m in models}
     every_question = sorted({q for ids in question_ids.values() for q in ids})
@@ -380,20 +472,7 @@ def run(cfg: DictConfig) -> dict:
     answer_types = {m: [str(q.get("answer_type", "unknown")) for q in indexes[m]["questions"]]
                     for m in models}
     type_of = {q: t for m in models for q, t in zip(question_ids[m], answer_types[m])}
-    rows, scores = [], []
-    jobs = [(m, method) for m in models for method in inputs.available_methods(indexes[m])
-            if "image_map" in indexes[m]["methods"][method].get("arrays", [])]
-    for model, method in tqdm(jobs, desc="rank correlation", unit="method"):
-        maps, valid = load_image_maps(cfg, model, method, question_ids[model])
-        small = inputs.to_resolution(np.abs(maps), resolution)
-        # A map that is finite at full resolution stays finite after area averaging, but an
-        # overflow in float16 would not: recheck.
-        valid = valid & np.isfinite(small.reshape(len(small), -1)).all(1)
-        for reference, reference_maps in references.items():
-            rho, counts = score_maps(small, valid, question_ids[model], reference_maps)
-            rows.append({"model": model, "method": method, "reference": reference,
-                         **summarise(rho, **boot), **counts})
-            scores.append((model, method, reference, rho, answer_types[model]))
+    rows, scores = score_run(cfg, models, references, boot)
     for reference in references:
         rho, counts = score_humans(references[HUMAN], every_question,
                                    None if reference == HUMAN else references[reference])
@@ -404,6 +483,25 @@ def run(cfg: DictConfig) -> dict:
     table = in_table_order(pd.DataFrame(rows), list(references), models)
     table["beats_random"] = beats_random_flags(table)
     table["mean_all_questions"] = all_questions_mean(table)
+
+    # The same rows for every training seed: the main run's, then each replicate's.
+    per_seed = []
+    for seed in seeds:
+        if seed == seeds[0]:
+            seed_rows = [r for r in rows if r["model"] != HUMAN]
+        else:
+            log.info("replicate train.seed=%d", seed)
+            seed_rows, _ = score_run(replicate_config(cfg, seed), models, references, boot, question_ids)
+        seed_table = in_table_order(pd.DataFrame(seed_rows), list(references), models)
+        seed_table["beats_random"] = beats_random_flags(seed_table)
+        per_seed.append(seed_table.assign(seed=seed))
+    by_seed = pd.concat(per_seed, ignore_index=True)[BY_SEED_COLUMNS]
+    table = table.merge(seed_spread(by_seed), on=["model", "method", "reference"], how="left")
+    # The human row has no training seed: empty cells, as random's beats_random.
+    human = table["model"] == HUMAN
+    table["seeds"] = table["seeds"].astype(object)
+    table.loc[human, ["seeds", "beats_random_seeds", "beats_random_every_seed"]] = ""
+    table.loc[~human, "seeds"] = table.loc[~human, "seeds"].astype(int)
     table = table[COLUMNS]
 
     out_tables = tables_dir(cfg)
@@ -411,24 +509,42 @@ def run(cfg: DictConfig) -> dict:
     write_text(out_tables / f"{STAGE}.md",
                f"Spearman rank correlation of |image map| with each reference over "
                f"{resolution}x{resolution} cells; mean over questions with a 95% bootstrap "
-               f"interval ({boot['samples']} resamples).\n\n" + markdown_table(readable_table(table)))
-    figure = save_figure(plot(table, list(references), resolution), figures_dir(cfg) / f"{STAGE}.png")
+               f"interval ({boot['samples']} resamples), for the model trained with seed "
+               f"{seeds[0]}; then the spread of that mean over {len(seeds)} training seeds "
+               f"({', '.join(map(str, seeds))}): mean ± sd [min, max], and on how many seeds the "
+               "interval lies above random's. A method beats random only if it does on every "
+               "seed.\n\n" + markdown_table(readable_table(table)))
+    write_table(by_seed, out_tables / f"{BY_SEED}.csv", markdown=False)
+    write_text(out_tables / f"{BY_SEED}.md",
+               f"Every training seed's row of the rank-correlation table (mean over questions, 95% "
+               f"bootstrap interval, beats random against the same seed's random map).\n\n"
+               + markdown_table(by_seed))
+    figure = save_figure(plot(table, list(references), resolution, by_seed),
+                         figures_dir(cfg) / f"{STAGE}.png")
 
     by_type = in_table_order(by_answer_type(scores, boot), list(references), models)
     write_table(by_type, out_tables / f"{BY_TYPE}.csv", markdown=False)
     type_reference = GROUND_TRUTH if GROUND_TRUTH in references else HUMAN
     write_text(out_tables / f"{BY_TYPE}.md",
-               f"The table above per answer type: mean Spearman rho over {resolution}x{resolution} "
-               f"cells [95% bootstrap interval]; * where the interval lies entirely above the random "
-               f"map's for the same model, reference and answer type.\n\n"
-               + markdown_table(readable_by_type(by_type)))
+               f"The table above per answer type (the model trained with seed {seeds[0]}): mean "
+               f"Spearman rho over {resolution}x{resolution} cells [95% bootstrap interval]; * where "
+               f"the interval lies entirely above the random map's for the same model, reference "
+               f"and answer type.\n\n" + markdown_table(readable_by_type(by_type)))
     type_figure = save_figure(plot_by_type(by_type, type_reference), figures_dir(cfg) / f"{BY_TYPE}.png")
 
     metrics: dict = {}
     for row in table.itertuples(index=False):
         metrics.setdefault(row.model, {}).setdefault(row.method, {})[row.reference] = json_safe(row.mean)
+    metrics["training_seeds"] = seeds
     metrics["not_beating_random"] = [f"{r.model}/{r.method}/{r.reference}"
                                      for r in table.itertuples(index=False) if r.beats_random is False]
+    metrics["not_beating_random_on_every_seed"] = [
+        f"{r.model}/{r.method}/{r.reference}" for r in table.itertuples(index=False)
+        if r.beats_random_every_seed is False]
+    metrics["verdict_differs_across_seeds"] = [
+        f"{r.model}/{r.method}/{r.reference} ({r.beats_random_seeds})"
+        for r in table.itertuples(index=False)
+        if r.beats_random_seeds and r.beats_random_seeds not in (f"0/{len(seeds)}", f"{len(seeds)}/{len(seeds)}")]
     metrics["not_beating_random_by_answer_type"] = [
         f"{r.model}/{r.method}/{r.reference}/{r.answer_type}"
         for r in by_type.itertuples(index=False) if r.beats_random is False]
@@ -436,12 +552,13 @@ def run(cfg: DictConfig) -> dict:
 
     summary = {f"{r.model}/{r.method}/{r.reference}": json_safe(r.mean)
                for r in table.itertuples(index=False)}
-    log_to_wandb(cfg, STAGE, tables={STAGE: table, BY_TYPE: by_type},
+    log_to_wandb(cfg, STAGE, tables={STAGE: table, BY_TYPE: by_type, BY_SEED: by_seed},
                  figures={STAGE: figure, BY_TYPE: type_figure}, summary=summary)
     seconds = time.perf_counter() - start
-    log.info("rank correlation of %d rows over %d questions in %.1f s -> %s", len(table),
-             len(every_question), seconds, csv_path)
-    return {"table": table, "by_answer_type": by_type, "metrics": metrics, "seconds": seconds}
+    log.info("rank correlation of %d rows over %d questions and %d training seeds in %.1f s -> %s",
+             len(table), len(every_question), len(seeds), seconds, csv_path)
+    return {"table": table, "by_answer_type": by_type, "by_seed": by_seed, "metrics": metrics,
+            "seconds": seconds}
 
 
 main = stage_main(run)

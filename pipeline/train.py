@@ -2,6 +2,7 @@
 
     python -m pipeline.train model=mlb [trainer=gpu|ddp] [logger=csv] [model.optim.lr=...]
     python -m pipeline.train -m model=mlb,lstm_cnn seed=0,1,2 paths=sweep   # a sweep
+    python -m pipeline.train model=mlb replicate=1   # training-seed replicate 1 (train.seed=1)
 
 Writes
     ${paths.models_dir}/<model>/model.pt       the trained model, backbone included (``load_model``)
@@ -65,7 +66,7 @@ def _resumable(last: Path, hparams: dict) -> bool:
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    seed_everything(int(cfg.seed), deterministic=bool(cfg.trainer.deterministic))
+    seed_everything(int(cfg.train.seed), deterministic=bool(cfg.trainer.deterministic))
     processed_dir = abspath(cfg.paths.processed_dir)
     question_vocab, answer_vocab = processed.load_vocabs(processed_dir)
     answer_vocab = answer_vocab.top(min(int(cfg.model.num_answers), len(answer_vocab)))
@@ -83,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
                                 val_answer_types=[r["answer_type"] for r in val_records])
     datamodule = VQADataModule(processed_dir, abspath(cfg.paths.features_dir), module.head.feature_kind,
                                answer_vocab, int(cfg.data.max_question_length), int(optim["batch_size"]),
-                               int(cfg.trainer.num_workers), int(cfg.seed))
+                               int(cfg.trainer.num_workers), int(cfg.train.seed))
 
     ckpt_dir = checkpoint_dir(cfg)
     last = ckpt_dir / "last.ckpt"

@@ -79,7 +79,9 @@ def vqa_root(tmp_path) -> Path:
 
 TINY_PIPELINE = ["data=synthetic_tiny", "backbone.channels=[8,8,16,16]", "backbone.pretrain.epochs=1",
                  "backbone.fc=[32,32]", "backbone.pretrain.fc_epochs=2",
-                 "logger=csv", "model.optim.max_epochs=2", "model.optim.batch_size=32"]
+                 "logger=csv", "model.optim.max_epochs=2", "model.optim.batch_size=32",
+                 # No training-seed replicates: tests/test_replicates.py makes its own.
+                 "replicates.seeds=[]"]
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,20 @@ def test_a_model_composed_into_the_config_needs_no_edit_of_dvc_yaml(conf_with_a_
         for kind in PER_MODEL:
             assert (f"{kind}@mlb" in before) == (f"{kind}@bow_cnn" in before), (name, kind)
         assert "train@bow_cnn" in before, name
+
+
+def test_training_seed_replicates_feed_rank_correlation_and_report(tmp_path):
+    """replicates.seeds expands train_replicate / attribute_replicate per model and seed; the
+    stages that read every replicate's store depend on them through paths.attributions_dir;
+    with no seeds there are no replicate stages and no dependency is missing."""
+    graph, stages = stage_graph(project(tmp_path / "three", "replicates.seeds=[1,2]"))
+    for model in ("lstm_cnn", "mlb"):
+        for seed in (1, 2):
+            assert f"train_replicate@{model}-{seed}" in upstream(graph, stages, f"attribute_replicate@{model}-{seed}")
+            for reader in ("rank_correlation", "report"):
+                assert f"attribute_replicate@{model}-{seed}" in upstream(graph, stages, reader)
+            # A replicate is trained on the main run's features, never on another replicate's.
+            assert upstream(graph, stages, f"train_replicate@{model}-{seed}") == set(UPSTREAM) | {"generate@synthetic"}
+    graph, stages = stage_graph(project(tmp_path / "none", "replicates.seeds=[]"))
+    assert not [name for name in stages if "replicate" in name]
+    assert {"rank_correlation", "report"} <= set(stages)

@@ -226,7 +226,14 @@ def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, t
     # the columns the report and readers use, written out: renaming or dropping one fails here
     assert list(table.columns) == ["model", "method", "reference", "n", "mean", "ci_low", "ci_high",
                                    "mean_all_questions", "constant", "ties", "no_reference_map",
-                                   "invalid", "constant_reference", "beats_random"]
+                                   "invalid", "constant_reference", "beats_random", "seeds", "seed_mean",
+                                   "seed_sd", "seed_min", "seed_max", "beats_random_seeds",
+                                   "beats_random_every_seed"]
+    # Without replicates (the tests' setting) the spread is over the one main run.
+    models = table[table["model"] != "human"]
+    seeds = models["seeds"].astype(int)
+    assert set(seeds) <= {0, 1} and (table.loc[table["model"] == "human", "seeds"] == "").all()
+    assert models["seed_mean"].astype(float).equals(models["mean"].astype(float).where(seeds == 1))
     assert (tmp_path / "a" / "reports" / "figures" / "rank_correlation.png").stat().st_size > 1000
     md = (tmp_path / "a" / "reports" / "tables" / "rank_correlation.md").read_text()
     assert "95% CI" in md and "no reference map" in md
@@ -286,7 +293,8 @@ def test_two_processes_with_different_hash_seeds_write_identical_tables(explaine
         outputs[hash_seed]["metrics"] = (out / "reports" / "metrics" / "rank_correlation.json").read_bytes()
     assert sorted(outputs["1"]) == ["metrics", "rank_correlation.csv", "rank_correlation.md",
                                     "rank_correlation_by_answer_type.csv",
-                                    "rank_correlation_by_answer_type.md"]
+                                    "rank_correlation_by_answer_type.md",
+                                    "rank_correlation_by_seed.csv", "rank_correlation_by_seed.md"]
     for name in outputs["1"]:
         assert outputs["1"][name] == outputs["2"][name], name
     table = pd.read_csv(tmp_path / "hash1" / "reports" / "tables" / "rank_correlation.csv")

@@ -34,14 +34,26 @@ def attribution_dir(cfg, model: str) -> Path:
     return abspath(cfg.paths.attributions_dir) / model
 
 
+def rerun_attribute(cfg, model: str) -> str:
+    """How to write ``model``'s attribution store again: the command and the DVC stage (the
+    replicate's when ``cfg`` is a training-seed replicate's, pipeline.config.replicate_config)."""
+    replicate = cfg.get("replicate")
+    if replicate is None:
+        return f"rerun `python -m pipeline.attribute model={model}` (stage attribute@{model})"
+    return (f"rerun `python -m pipeline.attribute model={model} replicate={replicate}` "
+            f"(stage attribute_replicate@{model}-{replicate})")
+
+
 def load_store(cfg, model: str) -> dict:
     """The index of ``model``'s attribution store; a missing or empty store is an error that
     names the stage which should have written it."""
     directory = attribution_dir(cfg, model)
+    if not (directory / store.INDEX).is_file():
+        raise DataError(f"no attribution store of {model}: {rerun_attribute(cfg, model)}", directory)
     index = store.load_index(directory)
     if not index.get("questions"):
-        raise DataError(f"the attribution store of {model} is empty: rerun `python -m "
-                        f"pipeline.attribute model={model}` (stage attribute@{model})", directory)
+        raise DataError(f"the attribution store of {model} is empty: {rerun_attribute(cfg, model)}",
+                        directory)
     return index
 
 
