@@ -407,7 +407,7 @@ def random_vqa_model(backbone, model_name: str, vocabulary: int, max_length: int
 def measure_resnet152(cfg: DictConfig, r: dict) -> dict:
     """The ``resnet152`` entry of bench.json (module docstring): ms per image of extraction, ms per
     question of each method per head, and the projection to VQA-HAT val."""
-    from pipeline.attribution.base import folded_backbone
+    from pipeline.models.folding import folded_backbone
     from pipeline.models.backbones import ResNet152
 
     entry_start = time.perf_counter()

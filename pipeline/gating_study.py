@@ -48,7 +48,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.attribution.base import method_score
+from pipeline.attribution.base import method_score, upsample_maps
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
@@ -236,9 +236,9 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
                             f"{model_path} (answer probabilities differ by up to {stale:.3g}): "
                             f"{_attribute_hint(model_name)}", inputs.attribution_dir(cfg, model_name))
         size = tuple(images.shape[-2:])
-        maps["gradcam"].append(inputs.to_resolution(gating.upsample(gradcam, size, upsample_mode).numpy(), resolution))
+        maps["gradcam"].append(inputs.to_resolution(upsample_maps(gradcam, size, upsample_mode).numpy(), resolution))
         for n in sizes:
-            maps[n].append(inputs.to_resolution(gating.upsample(gated[n], size, upsample_mode).numpy(), resolution))
+            maps[n].append(inputs.to_resolution(upsample_maps(gated[n], size, upsample_mode).numpy(), resolution))
     mask_a = np.stack([masks[a] for a, _ in pairs])
     mask_b = np.stack([masks[b] for _, b in pairs])
     out, headline = [], {}

@@ -38,10 +38,10 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as nnf
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from pipeline.attribution.base import upsample_maps
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
@@ -60,12 +60,10 @@ COLUMNS = ["model", "measure", "reference", "n", "mean", "ci_low", "ci_high", "u
 
 def upsample_glimpses(raw: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     """N x G x h x w attention grids -> N x G x H x W, interpolated as the attribute stage
-    upsamples its maps (``attribution.upsample``)."""
+    upsamples its maps (``attribution.upsample``: the same function)."""
     x = torch.as_tensor(np.asarray(raw, dtype=np.float32))
     n, g = x.shape[:2]
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    up = nnf.interpolate(x.reshape(n * g, 1, *x.shape[2:]), size=size, mode=mode, **kwargs)
-    return up.reshape(n, g, *size).numpy()
+    return upsample_maps(x.reshape(n * g, *x.shape[2:]), size, mode).reshape(n, g, *size).numpy()
 
 
 def spearman_with(hadamard: np.ndarray, references: np.ndarray) -> np.ndarray:

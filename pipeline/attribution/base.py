@@ -6,8 +6,6 @@ passes cached on it), so it never knows which model it explains.
 """
 from __future__ import annotations
 
-import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -15,8 +13,7 @@ import torch
 import torch.nn.functional as nnf
 
 from pipeline.attribution.probe import Probe
-
-log = logging.getLogger(__name__)
+from pipeline.models.folding import folded_backbone
 
 
 @dataclass
@@ -71,11 +68,22 @@ def method_score(options: dict, method: str | None) -> str:
 
 
 def answer_scores(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Each example's score of its target answer (B): the logit, or the softmax probability."""
+    """Each example's score of its target answer (B): the logit y^c (Grad-CAM, Selvaraju et al.
+    Eq. 1: "the score for class c, y^c (before the softmax)"), or the softmax probability
+    (Goyal et al. section 3). Every score an attribution starts from is this one."""
     if kind not in SCORES:
         raise ValueError(f"attribution score must be one of {SCORES}, got {kind!r}")
     values = logits if kind == "logit" else torch.softmax(logits, dim=1)
     return values.gather(1, target[:, None])[:, 0]
+
+
+def upsample_maps(maps: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    """B x h x w -> B x H x W (``size`` = (H, W)): how the attribute stage brings conv-resolution
+    maps to input resolution (``attribution.upsample``: bilinear, nearest...). Studies that
+    upsample maps themselves call this too, so that theirs are the store's to the bit.
+    ``align_corners=False`` (pixel centres) for the modes that take it; nearest takes none."""
+    return nnf.interpolate(maps[:, None], size=tuple(size), mode=mode,
+                           **({"align_corners": False} if mode in ("bilinear", "bicubic") else {}))[:, 0]
 
 
 def register(name: str, reuses_shared_graph: bool = False) -> Callable[[MethodFn], MethodFn]:
@@ -89,39 +97,6 @@ def register(name: str, reuses_shared_graph: bool = False) -> Callable[[MethodFn
             REUSES_SHARED_GRAPH.add(name)
         return fn
     return add
-
-
-# backbone -> (fingerprint of its weights, folded copy). Folding traces the backbone (torch.fx),
-# which costs more than a small batch's passes: it is done once per set of weights, not per call.
-_FOLDED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _weights_fingerprint(module: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place (``_version``
-    counts in-place writes: loading a state dict, re-initialising a layer)."""
-    return tuple((t.data_ptr(), t._version, t.is_contiguous(memory_format=torch.channels_last))
-                 for t in (*module.parameters(), *module.buffers()))
-
-
-def folded_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
-    """``backbone`` with BatchNorm folded into its convolutions (cached while its weights stay
-    the same); the backbone itself when torch.fx cannot trace it (logged)."""
-    fingerprint = _weights_fingerprint(backbone)
-    cached = _FOLDED.get(backbone)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        fused = fuse(backbone, inplace=False)
-        weight = next((p for p in backbone.parameters() if p.dim() == 4), None)
-        if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
-            fused = fused.to(memory_format=torch.channels_last)  # keep the fast layout
-    except Exception as e:  # a backbone torch.fx cannot trace: run it as it is
-        log.info("BatchNorm folding unavailable for %s (%s); using it unfused", type(backbone).__name__, e)
-        fused = backbone
-    _FOLDED[backbone] = (fingerprint, fused)
-    return fused
 
 
 class ExplainContext:
@@ -165,11 +140,15 @@ class ExplainContext:
                     self._target = self.model(self.images, self.tokens).argmax(1)
         return self._target
 
-    def score(self, logits: torch.Tensor, method: str | None = None) -> torch.Tensor:
-        """The target answers' scores, summed over the batch (examples are independent in eval
-        mode, so its gradient holds every example's own gradient): the answer's logit or its
-        softmax probability, as :func:`method_score` picks for ``method``."""
-        return answer_scores(logits, self.target, method_score(self.options, method)).sum()
+    def score(self, logits: torch.Tensor, method: str | None = None,
+              per_example: bool = False) -> torch.Tensor:
+        """The target answers' scores (:func:`answer_scores`: the logit or the softmax
+        probability, as :func:`method_score` picks for ``method``), summed over the batch:
+        examples are independent in eval mode, so one backward of the sum holds every example's
+        own gradient. ``per_example=True``: the B scores themselves (integrated gradients'
+        completeness check compares each example's F(x) - F(x'), Sundararajan et al. section 3)."""
+        scores = answer_scores(logits, self.target, method_score(self.options, method))
+        return scores if per_example else scores.sum()
 
     def guided_probe(self) -> Probe:
         """The shared forward pass, with guided ReLUs (their backward passes only positive
@@ -213,18 +192,16 @@ class ExplainContext:
         return self._cache[key]
 
     def inference_backbone(self, fold_batchnorm: bool = True) -> torch.nn.Module:
-        """The backbone with every BatchNorm folded into the convolution before it, for passes
-        that need no gradient (occlusion's copies). In eval mode BN is an affine map per channel,
-        so conv-then-BN is one convolution with rescaled weights: the same function up to float
-        rounding, and a fifth less time on CPU, where BN is memory-bound. ``fold_batchnorm=False``
-        gives the backbone as it is (bit-for-bit the model's own passes; folding changes features
-        by float rounding, ~1e-6 relative)."""
+        """The backbone with every BatchNorm folded into the convolution before it
+        (:func:`pipeline.models.folding.folded_backbone`), for passes that need no gradient
+        (occlusion's copies): the same function up to float rounding, and a fifth less time on
+        CPU. ``fold_batchnorm=False`` gives the backbone as it is (bit-for-bit the model's own
+        passes; folding changes features by float rounding, ~1e-6 relative)."""
         if not fold_batchnorm:
             return self.model.backbone
         return folded_backbone(self.model.backbone)
 
     def upsample(self, maps: torch.Tensor) -> torch.Tensor:
-        """B x h x w -> B x H x W at input resolution (``upsample`` option: bilinear, nearest)."""
-        mode = self.options.get("upsample", "bilinear")
-        return nnf.interpolate(maps[:, None], size=self.input_size, mode=mode,
-                               **({"align_corners": False} if mode in ("bilinear", "bicubic") else {}))[:, 0]
+        """B x h x w -> B x H x W at input resolution (``upsample`` option: bilinear, nearest;
+        :func:`upsample_maps`)."""
+        return upsample_maps(maps, self.input_size, self.options.get("upsample", "bilinear"))

@@ -4,7 +4,7 @@ selections agree, and the question-gated Grad-CAM map for every gate size n of a
 
 Neuron scores are s_i = sum_j |dF_i / dq_j| (the paper's dA/dq; ``gated_gradcam`` stores them as
 ``extra/neuron_scores``). The top-k set of a question is its k highest-scoring neurons, ties
-broken by the lower index (the order ``torch.sort(stable=True)`` gives in the method itself).
+broken by the lower index (the order ``rank_neurons`` gives in the method itself).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 
 from pipeline.attribution.base import answer_scores
+from pipeline.attribution.methods.gated_gradcam import gated_map, rank_neurons
 from pipeline.attribution.methods.gradcam import gradcam_map
 from pipeline.attribution.probe import Probe
 from pipeline.evaluation.stats import spearman_rows
@@ -143,12 +143,6 @@ def subsample_pairs(pairs: np.ndarray, limit: int, seed: int) -> np.ndarray:
 # The top-n sweep
 
 
-def target_scores(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """The explained answers' scores summed over the batch, as ``ExplainContext.score``: the
-    logit (``logit``, Grad-CAM's choice) or the softmax probability (``probability``)."""
-    return answer_scores(logits, target, kind).sum()
-
-
 def gated_gradcam_sweep(model, images: torch.Tensor, tokens: torch.Tensor,
                         neuron_scores: torch.Tensor, top_ns, score: str = "logit",
                         target: torch.Tensor | None = None):
@@ -171,29 +165,23 @@ def gated_gradcam_sweep(model, images: torch.Tensor, tokens: torch.Tensor,
     F, conv = probe["F"], probe["conv"]
     if target is None:
         target = probe.logits.argmax(1).detach()
-    score_sum = target_scores(probe.logits, target, score)
+    # The explained answers' scores summed over the batch, as ``ExplainContext.score`` (there is
+    # no context here: the target and the score kind are given).
+    score_sum = answer_scores(probe.logits, target, score).sum()
     grad_conv, grad_F = probe.grad(score_sum, ["conv", "F"])
     gradcam = gradcam_map(conv, grad_conv).detach()
     scores = torch.as_tensor(neuron_scores, dtype=torch.float32)
     if scores.shape != F.shape:
         raise ValueError(f"neuron scores of shape {tuple(scores.shape)} do not fit the fusion "
                          f"activations {tuple(F.shape)}")
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = rank_neurons(scores).indices
     gated = {}
     for n in top_ns:
         n = int(n)
         if n < 1:
             raise ValueError(f"gate size must be at least 1, got {n}")
-        mask = torch.zeros_like(F).scatter_(1, order[:, :min(n, F.shape[1])], 1.0)
-        g, = probe.grad(F, ["conv"], grad_outputs=grad_F * mask)
-        gated[n] = gradcam_map(conv, g).detach()
+        gated[n] = gated_map(probe, grad_F, order[:, :min(n, F.shape[1])])
     return probe.logits.detach(), target, gradcam, gated
-
-
-def upsample(maps: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
-    """B x h x w -> B x H x W as ``ExplainContext.upsample`` (what the store's image maps are)."""
-    return nnf.interpolate(maps[:, None], size=tuple(size), mode=mode,
-                           **({"align_corners": False} if mode in ("bilinear", "bicubic") else {}))[:, 0]
 
 
 def pair_map_measures(maps_a: np.ndarray, maps_b: np.ndarray, masks_a: np.ndarray,

@@ -45,6 +45,23 @@ def neuron_scores(F: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.cat(scores, dim=1)
 
 
+def rank_neurons(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's neuron scores (B x D), by score descending and, among
+    equal scores, by index ascending (a stable sort: the gate is the same on every run)."""
+    return torch.sort(scores, dim=1, descending=True, stable=True)
+
+
+def gated_map(probe: Probe, grad_F: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM through the kept fusion neurons only: mask = 1 on ``top`` (B x n neuron indices),
+    g_A = (dy/dF * mask)^T dF/dA at the probe's ``conv`` point A, and the map
+    ReLU(sum_k mean_ij(g_A^k) A^k) (Selvaraju et al. Eq. 1-2), B x h x w. ``grad_F`` is dy/dF
+    from the same probe; the probe's graph is kept, so that one forward serves many gates."""
+    F, conv = probe["F"], probe["conv"]
+    mask = torch.zeros_like(F).scatter_(1, top, 1.0)
+    grad_conv, = probe.grad(F, ["conv"], grad_outputs=grad_F * mask)
+    return gradcam_map(conv, grad_conv).detach()
+
+
 @register("gated_gradcam", reuses_shared_graph=True)
 def gated_gradcam(ctx) -> Explanation:
     probe = ctx.guided_probe()
@@ -54,7 +71,7 @@ def gated_gradcam(ctx) -> Explanation:
     if probe.relu_after("conv") or probe.relu_after("q"):
         # Guided ReLUs would change dF/dA or dF/dq: take plain gradients from a plain pass.
         probe = Probe(ctx.model, ctx.images, ctx.tokens, guided=False)
-    F, q, conv = probe["F"], probe["q"], probe["conv"]
+    F, q = probe["F"], probe["q"]
     if F.dim() != 2:
         raise NotApplicable("question-gated Grad-CAM needs fusion activations F of shape B x D")
 
@@ -62,13 +79,11 @@ def gated_gradcam(ctx) -> Explanation:
     n = min(int(ctx.option("gated_gradcam", "top_n", 10)), F.shape[1])
     if n < 1:
         raise ValueError(f"gated_gradcam top_n must be at least 1, got {n}")
-    values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    values, order = rank_neurons(scores)
     top, top_values = order[:, :n], values[:, :n]
-    mask = torch.zeros_like(F).scatter_(1, top, 1.0)
 
     grad_F, = probe.grad(ctx.score(probe.logits, "gated_gradcam"), ["F"])
-    grad_conv, = probe.grad(F, ["conv"], grad_outputs=grad_F * mask)
-    cam = gradcam_map(conv, grad_conv).detach()
+    cam = gated_map(probe, grad_F, top)
     return Explanation("gated_gradcam", image_map=ctx.upsample(cam), image_map_raw=cam,
                        extras={"neuron_scores": scores, "top_neurons": top,
                                "top_values": top_values})

@@ -14,9 +14,10 @@ by default).
   mean/std; option ``seed``, default 0).
 - question: IG over the word embeddings (point ``q_emb``) with the image fixed; baseline: zero
   vectors at the question's tokens, padding positions kept as they are (so they get exactly 0).
-  The model is run with a forward hook on ``q_emb`` that replaces its output by the interpolated
-  embeddings, and gradients are taken with respect to that tensor. The image is fixed, so the
-  backbone runs once and the head runs on its features (VQAModel contract).
+  The model is run with ``q_emb``'s output replaced by the interpolated embeddings
+  (``pipeline.attribution.probe.replacing``), and gradients are taken with respect to that
+  tensor. The image is fixed, so the backbone runs once and the head runs on its features
+  (VQAModel contract).
 
 Interpolation steps are batched: ``internal_batch_size`` steps (each for the whole batch) per
 forward; ``steps`` (default 32) nodes in all, or ``image_steps`` / ``question_steps`` for one
@@ -35,8 +36,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.attribution.base import Explanation, answer_scores, method_score, register
-from pipeline.models.analysis import analysis_points
+from pipeline.attribution.base import Explanation, register
+from pipeline.attribution.probe import recording, replacing
 
 NAME = "integrated_gradients"
 METHODS = ("riemann_trapezoid", "gausslegendre")
@@ -60,11 +61,6 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
     raise ValueError(f"integrated_gradients.method must be one of {METHODS}, got {method!r}")
 
 
-def _target_scores(ctx, logits: torch.Tensor) -> torch.Tensor:
-    """Per example, the score that ``ctx.score`` sums over the batch (the same ``score`` kind)."""
-    return answer_scores(logits, ctx.target, method_score(ctx.options, "integrated_gradients"))
-
-
 def _integrate(ctx, run, x: torch.Tensor, baseline: torch.Tensor, alphas, weights,
                chunk: int) -> torch.Tensor:
     """(x - baseline) * sum_k w_k dF/dz at z = baseline + a_k (x - baseline), where
@@ -83,17 +79,6 @@ def _integrate(ctx, run, x: torch.Tensor, baseline: torch.Tensor, alphas, weight
         total += (grad.unflatten(0, (len(a), batch))
                   * step_weights.view(-1, *[1] * x.dim())).sum(0)
     return total * diff
-
-
-def _replacing(point, tensor_of):
-    """A forward hook on ``point`` that replaces its output by ``tensor_of()``."""
-    def hook(module, inputs, output):
-        replacement = tensor_of()
-        if replacement.shape != output.shape:
-            raise RuntimeError(f"q_emb output {tuple(output.shape)} does not match the "
-                               f"interpolated embeddings {tuple(replacement.shape)}")
-        return replacement
-    return point.register_forward_hook(hook)
 
 
 def _image_baseline(ctx, kind: str) -> torch.Tensor:
@@ -131,26 +116,18 @@ def integrated_gradients(ctx) -> Explanation:
     baseline_kind = ctx.option(NAME, "image_baseline", "zeros")
     model, images, tokens = ctx.model, ctx.images.detach(), ctx.tokens
     target = ctx.target  # given, or predicted (ctx runs the forward)
-    points = analysis_points(model)
-    q_point = points.get("q_emb")
 
-    # F(x), recording the word embeddings on the way.
-    recorded = {}
-    hooks = [] if q_point is None else [
-        q_point.register_forward_hook(lambda m, i, out: recorded.setdefault("q_emb", out.detach()))]
-    try:
-        with torch.no_grad():
-            at_input = _target_scores(ctx, model(images, tokens))
-    finally:
-        for h in hooks:
-            h.remove()
+    # F(x) per example (completeness compares it with the attributions' sum), recording the word
+    # embeddings on the way.
+    with recording(model, ["q_emb"]) as recorded, torch.no_grad():
+        at_input = ctx.score(model(images, tokens), NAME, per_example=True)
 
     # Image, question fixed.
     image_baseline = _image_baseline(ctx, baseline_kind)
     image_ig = _integrate(ctx, lambda z, k: model(z, tokens.repeat(k, 1)), images, image_baseline,
                           alphas, weights, chunk).detach()
     with torch.no_grad():
-        at_image_baseline = _target_scores(ctx, model(image_baseline, tokens))
+        at_image_baseline = ctx.score(model(image_baseline, tokens), NAME, per_example=True)
     extras = {"image_baseline": image_baseline, "image_steps": image_steps,
               "question_steps": question_steps, "method": method, "target": target,
               "completeness": {"image": _completeness(image_ig, at_input, at_image_baseline)}}
@@ -158,26 +135,22 @@ def integrated_gradients(ctx) -> Explanation:
     # Question (word embeddings), image fixed.
     question_map = None
     if "q_emb" in recorded:
-        embeddings = recorded["q_emb"]
+        embeddings = recorded["q_emb"].detach()
         mask = ctx.token_mask.to(embeddings.dtype)
         q_baseline = embeddings * (1 - mask)[..., None]  # 0 on tokens, padding as it is
         with torch.no_grad():
             features = model.backbone(images)
-        current = {}
 
         def run_head(z, k):
-            current["z"] = z
-            return model.head(features.repeat(k, *[1] * (features.dim() - 1)), tokens.repeat(k, 1))
+            # The interpolated embeddings z (k stacked copies of the batch) stand in for q_emb.
+            with replacing(model, "q_emb", z):
+                return model.head(features.repeat(k, *[1] * (features.dim() - 1)), tokens.repeat(k, 1))
 
-        handle = _replacing(q_point, lambda: current["z"])
         alphas, weights = quadrature(method, question_steps)
-        try:
-            question_ig = _integrate(ctx, run_head, embeddings, q_baseline, alphas, weights,
-                                     chunk).detach()
-            with torch.no_grad():
-                at_question_baseline = _target_scores(ctx, run_head(q_baseline, 1))
-        finally:
-            handle.remove()
+        question_ig = _integrate(ctx, run_head, embeddings, q_baseline, alphas, weights,
+                                 chunk).detach()
+        with torch.no_grad():
+            at_question_baseline = ctx.score(run_head(q_baseline, 1), NAME, per_example=True)
         question_ig = question_ig * mask[..., None]
         question_map = question_ig.sum(2)
         extras["question_attr_abs"] = question_ig.abs().sum(2)

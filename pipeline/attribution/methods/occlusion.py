@@ -24,7 +24,7 @@ import contextlib
 import torch
 
 from pipeline.attribution.base import Explanation, register
-from pipeline.models.analysis import analysis_points
+from pipeline.attribution.probe import recording, replacing
 
 MODALITIES = ("image", "question")
 
@@ -60,17 +60,6 @@ def drop_word(tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens.gather(1, keep), tokens.new_zeros(n, 1)], dim=1)
 
 
-@contextlib.contextmanager
-def _forward_hook(point, hook):
-    """``hook`` on ``point`` within the block; nothing when the model lacks the point."""
-    handle = None if point is None else point.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
 def distinct_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct images in order of first appearance, the index of each row's image among
     them). Exact comparison, row against the distinct images found so far: questions about one
@@ -90,29 +79,12 @@ def distinct_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return images[first], owner
 
 
-@contextlib.contextmanager
-def _question_feature(head, q_point, q):
-    """Within the block, ``head`` sees the question feature ``q`` (1 x D, broadcast over the
-    batch) at point ``q`` whatever tokens it gets. A head that computes it with
-    ``encode_question(tokens)`` (both heads here) skips its encoder altogether; for any other
-    head a hook on point ``q`` replaces the encoder's output."""
-    if callable(getattr(head, "encode_question", None)):
-        head.encode_question = lambda tokens: q.expand(len(tokens), -1)
-        try:
-            yield
-        finally:
-            del head.encode_question  # the class's method again
-    else:
-        with _forward_hook(q_point, lambda module, inputs, out: q.expand_as(out)):
-            yield
-
-
 def _chunks(n: int, size: int):
     return (slice(start, min(start + size, n)) for start in range(0, n, size))
 
 
-def _occlude_patches(ctx, backbone, distinct, owner, q_point, q0, probability0, prediction, target,
-                     grid, colour, batch_size):
+def _occlude_patches(ctx, backbone, distinct, owner, q0, probability0, prediction, target, grid,
+                     colour, batch_size):
     """p(a_hat | occluded) and the answers, each B x G*G (patch index = row * G + column)."""
     model, tokens = ctx.model, ctx.tokens
     ph, pw = patch_size(ctx.input_size, grid)
@@ -136,8 +108,9 @@ def _occlude_patches(ctx, backbone, distinct, owner, q_point, q0, probability0, 
             occluded = backbone(copies)  # the only backbone pass of these copies
             for b in questions:
                 # The question branch once for all patches: this question's feature from the
-                # original pass stands in for the encoder.
-                with _question_feature(model.head, q_point, q0[b:b + 1]):
+                # original pass stands in for the encoder, which then does not run (a model
+                # without a point ``q`` runs its encoder on the question's tokens).
+                with contextlib.nullcontext() if q0 is None else replacing(model, "q", q0[b:b + 1]):
                     logits = model.head(occluded, tokens[b:b + 1].expand(len(index), -1))
                 probabilities[b, index] = torch.softmax(logits, 1)[:, target[b]]
                 answers[b, index] = logits.argmax(1)
@@ -178,7 +151,6 @@ def occlusion(ctx) -> Explanation:
     colour = patch_colour(ctx.option("occlusion", "patch_value", None), ctx.images.shape[1])
     target = ctx.target  # outside inference mode: an unset target comes from the gradient pass
     model, tokens = ctx.model, ctx.tokens
-    q_point = analysis_points(model.head).get("q")
     modalities = list(ctx.option("occlusion", "modalities", MODALITIES))
     if not modalities or set(modalities) - set(MODALITIES):
         raise ValueError(f"occlusion.modalities must be a non-empty subset of {list(MODALITIES)}, "
@@ -188,8 +160,7 @@ def occlusion(ctx) -> Explanation:
         # Rows are grouped by image content (a repeated image need not share storage, so data
         # pointers would miss it): the original grid is computed once per distinct image.
         distinct, owner = distinct_images(ctx.images)
-        captured = {}
-        with _forward_hook(q_point, lambda module, inputs, out: captured.setdefault("q", out)):
+        with recording(model, ["q"]) as captured:
             grid0 = backbone(distinct)[owner]
             logits0 = model.head(grid0, tokens)
         probability0 = torch.softmax(logits0, 1).gather(1, target[:, None])[:, 0]
@@ -197,7 +168,7 @@ def occlusion(ctx) -> Explanation:
 
         image_raw = answers_image = question_map = answers_question = None
         if "image" in modalities:
-            p_image, answers_image = _occlude_patches(ctx, backbone, distinct, owner, q_point, captured.get("q"),
+            p_image, answers_image = _occlude_patches(ctx, backbone, distinct, owner, captured.get("q"),
                                                       probability0, prediction, target, grid,
                                                       colour, batch_size)
             image_raw = (probability0[:, None] - p_image).view(-1, grid, grid)
