@@ -50,11 +50,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.attribution.methods.gradcam import gradcam_map
-from pipeline.config import abspath, stage_main
+from pipeline.config import stage_main
 from pipeline.evaluation import inputs
-from pipeline.evaluation.outputs import json_safe, log_to_wandb, markdown_table, tables_dir, write_table
+from pipeline.evaluation.outputs import bootstrap_settings, json_safe, markdown_table, publish
 from pipeline.evaluation.stats import bootstrap_ci
-from pipeline.io import write_json, write_text
 from pipeline.models import load_trained_model
 from pipeline.seeding import seed_everything
 
@@ -160,26 +159,20 @@ def summarise_model(model: str, per_question: pd.DataFrame, boot: dict,
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     ev, e = cfg.evaluation, cfg.evaluation[STAGE]
-    boot = {"samples": int(ev.bootstrap.samples), "confidence": float(ev.bootstrap.confidence),
-            "seed": int(ev.seed)}
+    boot = bootstrap_settings(cfg)
     seed_everything(int(ev.seed))
-    out_csv = tables_dir(cfg) / f"{STAGE}.csv"
-    metrics_path = abspath(cfg.paths.metrics_dir) / f"{STAGE}.json"
     if cfg.data.source != "synthetic":
         reason = f"{cfg.data.name} has no ground truth of where to look (synthetic data only)"
         log.warning("evidence slope not measured: %s", reason)
         table = pd.DataFrame(columns=COLUMNS)
-        write_table(table, out_csv, markdown=False)
-        write_text(out_csv.with_suffix(".md"), f"Not measured: {reason}.\n")
-        write_json(metrics_path, {"skipped": reason})
-        return {"table": table, "metrics": {"skipped": reason}}
+        metrics = publish(cfg, STAGE, tables={STAGE: (table, f"Not measured: {reason}.\n")},
+                          metrics={"skipped": reason}, start=start)["metrics"]
+        return {"table": table, "metrics": metrics}
     rows = []
     for model in [str(m) for m in ev.models]:
         rows += summarise_model(model, measure(cfg, model, e), boot, float(e.zero_sum_tolerance))
     table = pd.DataFrame(rows, columns=COLUMNS)
-    write_table(table, out_csv, markdown=False)
-    write_text(out_csv.with_suffix(".md"),
-               f"Scaling the ground-truth cells' features (share >= {float(e.cell_share):g}) by "
+    caption = (f"Scaling the ground-truth cells' features (share >= {float(e.cell_share):g}) by "
                f"1 + {float(e.eps):g} at `conv`: how often the explained answer's logit falls "
                "(`score_falls`, 95% bootstrap interval), how often it falls when they are scaled "
                f"by 1 - {float(e.eps):g} as well (`peak`), how often the answer's probability falls "
@@ -191,14 +184,12 @@ def run(cfg: DictConfig) -> dict:
                f"the signed map sums to zero (`zero_sum`: |sum| <= {float(e.zero_sum_tolerance):g} "
                "x sum of |values|; on a model that L2-normalises the grid's spatial mean it always "
                "does, by Euler's theorem; through fc6-fc7, as LSTM-CNN reads the image by default, "
-               "it need not).\n\n"
-               + markdown_table(table))
+               "it need not).\n\n")
     kept = ("n", "score_falls", "peak", "prob_falls", "gradcam_agrees", "relu_kept", "zero_sum")
     metrics = json_safe({f"{r['model']}/{r['answer_type']}": {k: r[k] for k in kept} for r in rows})
-    write_json(metrics_path, metrics)
-    log_to_wandb(cfg, STAGE, tables={STAGE: table},
-                 summary={f"{k}/score_falls": v["score_falls"] for k, v in metrics.items()})
-    log.info("evidence slope of %s in %.1f s", list(ev.models), time.perf_counter() - start)
+    publish(cfg, STAGE, tables={STAGE: (table, caption + markdown_table(table))}, metrics=metrics,
+            summary={f"{k}/score_falls": v["score_falls"] for k, v in metrics.items()}, start=start,
+            note=f"models {list(ev.models)}")
     return {"table": table, "metrics": metrics}
 
 

@@ -44,12 +44,12 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from pipeline.config import abspath, stage_main
+from pipeline.config import stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.failure import balanced_accuracy, out_of_fold_scores, roc_auc, roc_auc_ci
-from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, save_figure, tables_dir, write_table
-from pipeline.io import write_json
+from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
+from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ STAGE = "failure_prediction"
 METHOD = "occlusion"
 FEATURES = ("flip_count", "image_flips", "question_flips", "image_drop_max", "image_drop_mean",
             "question_drop_max", "question_drop_mean", "probability")
-NEEDED_ARRAYS = ("question_ids", "valid", "image_map_raw", "question_map",
+NEEDED_ARRAYS = ("valid", "image_map_raw", "question_map",
                  "extra/flip_counts/image", "extra/flip_counts/question")
 COLUMNS = ["model", "features", "n", "wrong", "no_label", "invalid", "majority_accuracy",
            "cv_accuracy", "balanced_accuracy", "roc_auc", "roc_auc_ci_low", "roc_auc_ci_high",
@@ -66,26 +66,9 @@ COLUMNS = ["model", "features", "n", "wrong", "no_label", "invalid", "majority_a
 
 def load_occlusion(cfg, model: str, index: dict) -> dict[str, np.ndarray]:
     """The occlusion arrays the features need, checked against the index."""
-    info = index["methods"].get(METHOD)
-    rerun = (f"rerun `python -m pipeline.attribute model={model}` (stage attribute@{model}) with "
-             f"occlusion in attribution.methods and both occlusion modalities")
-    directory = inputs.attribution_dir(cfg, model)
-    if info is None or info.get("skipped"):
-        why = "was not run" if info is None else f"was skipped ({info['skipped']})"
-        raise DataError(f"occlusion {why} for {model}, and failure prediction is built on its "
-                        f"answer flips: {rerun}", directory / "index.json")
-    path = directory / f"{METHOD}.npz"
-    if not path.is_file():
-        raise DataError(f"no occlusion arrays for {model}: {rerun}", path)
-    with np.load(path) as data:
-        missing = [k for k in NEEDED_ARRAYS if k not in data.files]
-        if missing:
-            raise DataError(f"the occlusion store of {model} lacks {missing}: {rerun}", path)
-        arrays = {k: data[k] for k in NEEDED_ARRAYS}
-    if arrays["question_ids"].tolist() != [q["question_id"] for q in index["questions"]]:
-        raise DataError(f"the occlusion arrays of {model} do not match its index (a half-written "
-                        f"store?): {rerun}", path)
-    return arrays
+    return inputs.read_method(cfg, model, METHOD, NEEDED_ARRAYS, index=index,
+                              needs="failure prediction is built on its answer flips (attribute "
+                                    "with both occlusion modalities)")
 
 
 def question_features(arrays: dict[str, np.ndarray], questions: list[dict]) -> pd.DataFrame:
@@ -170,14 +153,9 @@ def flip_bins(edges: list[int]) -> list[tuple[int, float, str]]:
 def plot(frames: dict[str, pd.DataFrame], edges: list[int]):
     """Share of correct answers per bin of the total flip count, one bar per model per bin,
     with the number of questions of each bar written above it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     bins = flip_bins(edges)
     width = 0.8 / max(1, len(frames))
-    fig, ax = plt.subplots(figsize=(1.2 * len(bins) + 2, 3.8))
+    fig, ax = pyplot().subplots(figsize=(1.2 * len(bins) + 2, 3.8))
     for k, (model, frame) in enumerate(frames.items()):
         labelled = frame[frame["usable"] & frame["correct"].notna()]
         flips = labelled["total_flips"].to_numpy()
@@ -213,8 +191,7 @@ def run(cfg: DictConfig) -> dict:
         if unknown or not features:
             raise ValueError(f"evaluation.failure_prediction.feature_sets.{name}: unknown or no "
                              f"features {unknown}; choose from {list(FEATURES)}")
-    boot = {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
-            "seed": int(e.seed)}
+    boot = bootstrap_settings(cfg)
     models = [str(m) for m in e.models]
     if not models:
         raise DataError("evaluation.models is empty: name at least one model")
@@ -229,29 +206,25 @@ def run(cfg: DictConfig) -> dict:
         wrong = ~kept["correct"].astype(bool).to_numpy()
         rho, p = flip_accuracy_correlation(frame)
         metrics[model] = {"questions": len(kept), "wrong": int(wrong.sum()),
-                          "flips_vqa_accuracy_rho": json_safe(rho)}
+                          "flips_vqa_accuracy_rho": rho}
         for name, features in feature_sets.items():
             result = evaluate(kept[features].to_numpy(dtype=np.float64), wrong, folds, l2, boot)
             rows.append({"model": model, "features": name, **result,
                          "no_label": int((~labelled).sum()),
                          "invalid": int((labelled & ~frame["usable"]).sum()),
                          "flips_vqa_accuracy_rho": rho, "flips_vqa_accuracy_p": p})
-            metrics[model][name] = {k: json_safe(result[k]) for k in
+            metrics[model][name] = {k: result[k] for k in
                                     ("majority_accuracy", "cv_accuracy", "balanced_accuracy", "roc_auc")}
             if result["note"]:
                 log.warning("%s / %s: %s", model, name, result["note"])
     table = pd.DataFrame(rows)[COLUMNS]
 
-    (csv_path, _) = write_table(table, tables_dir(cfg) / f"{STAGE}.csv")
-    figure = save_figure(plot(frames, list(settings.flip_bins)), figures_dir(cfg) / f"{STAGE}.png")
-    write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
-    summary = {f"{r.model}/{r.features}/{k}": json_safe(getattr(r, k))
-               for r in table.itertuples(index=False)
-               for k in ("cv_accuracy", "majority_accuracy", "balanced_accuracy", "roc_auc")}
-    log_to_wandb(cfg, STAGE, tables={STAGE: table}, figures={STAGE: figure}, summary=summary)
-    seconds = time.perf_counter() - start
-    log.info("failure prediction for %d model(s) in %.1f s -> %s", len(models), seconds, csv_path)
-    return {"table": table, "metrics": metrics, "frames": frames, "seconds": seconds}
+    published = publish(cfg, STAGE, tables={STAGE: table}, metrics=metrics, start=start,
+                        figures={STAGE: plot(frames, list(settings.flip_bins))}, note=f"{len(models)} model(s)",
+                        summary={f"{r.model}/{r.features}/{k}": json_safe(getattr(r, k))
+                                 for r in table.itertuples(index=False)
+                                 for k in ("cv_accuracy", "majority_accuracy", "balanced_accuracy", "roc_auc")})
+    return {"table": table, "metrics": published["metrics"], "frames": frames, "seconds": published["seconds"]}
 
 
 main = stage_main(run)

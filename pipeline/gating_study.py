@@ -55,12 +55,11 @@ from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import gating, inputs
-from pipeline.evaluation.outputs import (figures_dir, json_safe, log_to_wandb, not_measured_figure, save_figure,
-                                         tables_dir, write_table)
+from pipeline.evaluation.outputs import bootstrap_settings, figures_dir, json_safe, not_measured_figure, publish
 from pipeline.evaluation.stats import spearman_rows, summarise
-from pipeline.io import write_json, write_text
 from pipeline.models import load_trained_model
 from pipeline.models.checkpoint import trained_model_path
+from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +77,11 @@ SWEEP_COLUMNS = ["model", "method", "top_n", "full_width", "measure", "n", "mean
                  "ci_high", "undefined"]
 
 
-def _attribute_hint(model: str) -> str:
-    return f"rerun `python -m pipeline.attribute model={model}` (stage attribute@{model})"
-
-
 def load_neuron_scores(cfg, model: str) -> tuple[list[dict], np.ndarray]:
     """(index rows, N x D neuron scores) of the questions whose gated Grad-CAM is valid."""
     index = inputs.load_store(cfg, model)
-    if METHOD not in inputs.available_methods(index):
-        reason = index["methods"].get(METHOD, {}).get("skipped", "it was not run")
-        raise DataError(f"{model} has no {METHOD} attributions ({reason}): add it to "
-                        f"attribution.methods and {_attribute_hint(model)}",
-                        inputs.attribution_dir(cfg, model))
-    arrays = inputs.load_method(cfg, model, METHOD)
-    if "extra/neuron_scores" not in arrays:
-        raise DataError(f"{METHOD} of {model} has no neuron scores: {_attribute_hint(model)}",
-                        inputs.attribution_dir(cfg, model) / f"{METHOD}.npz")
+    arrays = inputs.read_method(cfg, model, METHOD, ("valid", "extra/neuron_scores"), index=index)
     rows = index["questions"]
-    if arrays["question_ids"].tolist() != [r["question_id"] for r in rows]:
-        raise DataError(f"the question ids of {METHOD} differ from the store's index (a half-written "
-                        f"store?): {_attribute_hint(model)}", inputs.attribution_dir(cfg, model))
     valid = arrays["valid"].astype(bool) & np.isfinite(arrays["extra/neuron_scores"]).all(1)
     if (~valid).any():
         log.warning("%s: %d question(s) with non-finite %s maps or scores left out", model,
@@ -105,8 +89,8 @@ def load_neuron_scores(cfg, model: str) -> tuple[list[dict], np.ndarray]:
     return [r for r, ok in zip(rows, valid) if ok], arrays["extra/neuron_scores"][valid].astype(np.float64)
 
 
-def _summary_row(values: np.ndarray, boot, seed: int) -> dict:
-    s = summarise(values, int(boot.samples), float(boot.confidence), seed)
+def _summary_row(values: np.ndarray, boot: dict) -> dict:
+    s = summarise(values, **boot)
     s["undefined"] = int(np.isnan(np.asarray(values, dtype=np.float64)).sum())
     return s
 
@@ -115,7 +99,7 @@ def _summary_row(values: np.ndarray, boot, seed: int) -> dict:
 # Parts 1 and 2
 
 
-def top_neuron_tables(model: str, rows: list[dict], scores: np.ndarray, g, boot, seed: int):
+def top_neuron_tables(model: str, rows: list[dict], scores: np.ndarray, g, boot: dict):
     """Tables 1-4 analogue: per listed question its top-k neurons; per listed group the mean
     Jaccard overlap of the top-k sets."""
     top, values = gating.top_neurons(scores, int(g.top_k))
@@ -133,7 +117,7 @@ def top_neuron_tables(model: str, rows: list[dict], scores: np.ndarray, g, boot,
                                  "question": r["question"], "rank": rank, "neuron": int(neuron),
                                  "score": float(value)})
         overlaps = gating.pair_jaccard(top, gating.within_group_pairs([(key, members)]))
-        s = summarise(overlaps, int(boot.samples), float(boot.confidence), seed)
+        s = summarise(overlaps, **boot)
         overlap_rows.append({"model": model, "case": case, "group": key, "questions": len(members), **s})
     return top_rows, overlap_rows
 
@@ -156,14 +140,14 @@ def comparison_pairs(rows: list[dict], pairs_truth, g, seed: int) -> dict[str, n
 
 
 def correlation_table(model: str, scores: np.ndarray, cases: dict[str, np.ndarray], top_k: int,
-                      boot, seed: int) -> list[dict]:
+                      boot: dict) -> list[dict]:
     top, _ = gating.top_neurons(scores, top_k)
     out = []
     for case, pairs in cases.items():
         for measure, values in (("spearman", gating.pair_spearman(scores, pairs)),
                                 (f"top{top_k}_jaccard", gating.pair_jaccard(top, pairs))):
             out.append({"model": model, "case": case, "measure": measure,
-                        **_summary_row(values, boot, seed)})
+                        **_summary_row(values, boot)})
     return out
 
 
@@ -183,8 +167,8 @@ def gate_sizes(requested, width: int) -> list[int]:
     return sorted(sizes)
 
 
-def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_truth, g, boot,
-          seed: int) -> tuple[list[dict], dict]:
+def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_truth, g,
+          boot: dict) -> tuple[list[dict], dict]:
     """Part 3 for one model: the rows of ``gating_sweep`` and its headline numbers."""
     row_of = {r["question_id"]: i for i, r in enumerate(rows)}
     pairs = [(a, b) for a, b in pairs_truth if a in row_of and b in row_of]
@@ -193,7 +177,7 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
                  "or have invalid maps)", model_name, len(pairs), len(pairs_truth))
     if not pairs:
         raise DataError(f"none of the {len(pairs_truth)} same-answer pairs of the split is in the "
-                        f"attribution store of {model_name}: {_attribute_hint(model_name)} without "
+                        f"attribution store of {model_name}: {inputs.rerun_attribute(cfg, model_name)} without "
                         "attribution.limit", inputs.attribution_dir(cfg, model_name))
     processed_dir = abspath(cfg.paths.processed_dir)
     model = load_trained_model(cfg, model_name)
@@ -234,7 +218,7 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
         if stale > 1e-3:
             raise DataError(f"the attribution store of {model_name} was made with another model than "
                             f"{model_path} (answer probabilities differ by up to {stale:.3g}): "
-                            f"{_attribute_hint(model_name)}", inputs.attribution_dir(cfg, model_name))
+                            f"{inputs.rerun_attribute(cfg, model_name)}", inputs.attribution_dir(cfg, model_name))
         size = tuple(images.shape[-2:])
         maps["gradcam"].append(inputs.to_resolution(upsample_maps(gradcam, size, upsample_mode).numpy(), resolution))
         for n in sizes:
@@ -250,7 +234,7 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
         n = width if key == "gradcam" else key
         for measure in SWEEP_MEASURES:
             row = {"model": model_name, "method": method, "top_n": n, "full_width": n == width,
-                   "measure": measure, **_summary_row(measures[measure], boot, seed)}
+                   "measure": measure, **_summary_row(measures[measure], boot)}
             out.append(row)
             headline[f"{method}/{n}/{measure}"] = row["mean"]
         if key == width:
@@ -260,7 +244,7 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
         a, b = np.concatenate(maps[previous]), np.concatenate(maps[n])
         change = 1.0 - spearman_rows(a.reshape(len(a), -1), b.reshape(len(b), -1))
         row = {"model": model_name, "method": METHOD, "top_n": n, "full_width": n == width,
-               "measure": CHANGE_MEASURE, **_summary_row(change, boot, seed)}
+               "measure": CHANGE_MEASURE, **_summary_row(change, boot)}
         out.append(row)
         if row["n"] and (largest is None or row["mean"] > largest[2]):
             largest = (previous, n, row["mean"])
@@ -271,15 +255,10 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
     return out, headline
 
 
-def sweep_figure(table: pd.DataFrame, path):
+def sweep_figure(table: pd.DataFrame):
     """x = gate size n (log), y = each measure with its interval band; Grad-CAM dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(table["model"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     colours = dict(zip(SWEEP_MEASURES, ("tab:green", "tab:red", "tab:purple", "tab:blue")))
     for ax, model in zip(axes[0], models):
         t = table[table["model"] == model]
@@ -301,7 +280,7 @@ def sweep_figure(table: pd.DataFrame, path):
         ax.set_title(f"{model}: question-gated Grad-CAM (dashed: Grad-CAM)")
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +292,7 @@ NO_SWEEP = "no ground-truth masks or same-answer pairs on this data (synthetic d
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     ev = cfg.evaluation
-    g, boot, seed = ev.gating_study, ev.bootstrap, int(ev.seed)
+    g, boot = ev.gating_study, bootstrap_settings(cfg)
     truth = inputs.ground_truth_questions(cfg, str(ev.split))
     top_rows, overlap_rows, correlation_rows, sweep_rows = [], [], [], []
     metrics = {"models": {}}
@@ -321,16 +300,16 @@ def run(cfg: DictConfig) -> dict:
         model = str(model)
         rows, scores = load_neuron_scores(cfg, model)
         log.info("%s: neuron scores of %d questions over %d fusion neurons", model, len(rows), scores.shape[1])
-        t, o = top_neuron_tables(model, rows, scores, g, boot, seed)
+        t, o = top_neuron_tables(model, rows, scores, g, boot)
         top_rows += t
         overlap_rows += o
-        cases = comparison_pairs(rows, truth["pairs"], g, seed)
-        correlation = correlation_table(model, scores, cases, int(g.top_k), boot, seed)
+        cases = comparison_pairs(rows, truth["pairs"], g, boot["seed"])
+        correlation = correlation_table(model, scores, cases, int(g.top_k), boot)
         correlation_rows += correlation
         m = {"questions": len(rows), "fusion_width": int(scores.shape[1]),
              "score_correlation": {f"{r['case']}/{r['measure']}": r["mean"] for r in correlation}}
         if truth["pairs"]:
-            rows_sweep, headline = sweep(cfg, model, rows, scores, truth["pairs"], g, boot, seed)
+            rows_sweep, headline = sweep(cfg, model, rows, scores, truth["pairs"], g, boot)
             sweep_rows += rows_sweep
             m["sweep"] = headline
         else:
@@ -344,24 +323,18 @@ def run(cfg: DictConfig) -> dict:
     figures = {}
     if sweep_rows:
         tables["gating_sweep"] = pd.DataFrame(sweep_rows, columns=SWEEP_COLUMNS)
-    for name, df in tables.items():
-        write_table(df, tables_dir(cfg) / f"{name}.csv")
-    if sweep_rows:
-        figures["gating_sweep"] = sweep_figure(tables["gating_sweep"], figures_dir(cfg) / "gating_sweep.png")
+        figures["gating_sweep"] = sweep_figure(tables["gating_sweep"])
     else:
         # The sweep's outputs say why it is missing (dvc.yaml declares them; no table from an
         # earlier run on the synthetic world may stay behind).
-        csv = tables_dir(cfg) / "gating_sweep.csv"
-        write_table(pd.DataFrame(columns=SWEEP_COLUMNS), csv, markdown=False)
-        write_text(csv.with_suffix(".md"), f"Not measured: {NO_SWEEP}.\n")
+        tables["gating_sweep"] = (pd.DataFrame(columns=SWEEP_COLUMNS), f"Not measured: {NO_SWEEP}.\n")
         not_measured_figure(figures_dir(cfg) / "gating_sweep.png", NO_SWEEP)
     metrics = json_safe(metrics)
-    write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
     summary = {f"{model}/{k}": v for model, m in metrics["models"].items()
                for k, v in {**m["score_correlation"], **{f"sweep/{a}": b for a, b in m["sweep"].items()}}.items()
                if isinstance(v, (int, float)) and v is not None}
-    log_to_wandb(cfg, STAGE, tables=tables, figures=figures, summary=summary)
-    log.info("gating study of %s in %.1f s", list(metrics["models"]), time.perf_counter() - start)
+    publish(cfg, STAGE, tables=tables, figures=figures, metrics=metrics, summary=summary, start=start,
+            note=f"models {list(metrics['models'])}")
     return metrics
 
 

@@ -31,10 +31,8 @@ Also ``reports/metrics/hadamard_study.json``.
 from __future__ import annotations
 
 import logging
+import time
 
-import matplotlib
-
-matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import torch
@@ -46,11 +44,11 @@ from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
-from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.outputs import bootstrap_settings, figures_dir, json_safe, publish, save_figure
 from pipeline.evaluation.pos import Tagger, is_noun, make_tagger, top_words
 from pipeline.evaluation.stats import spearman_rows, summarise
-from pipeline.io import write_json
 from pipeline.viz.overlay import display_image, overlay, token_colours
+from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +148,8 @@ def draw_question(ax, tokens: list[str], scores: np.ndarray) -> None:
 
 def draw_figure(rows: list[int], questions: list[dict], images: list[np.ndarray], glimpses: np.ndarray,
                 hadamard_maps: np.ndarray, z_scores: np.ndarray, title: str):
-    import matplotlib.pyplot as plt
-
     height = 3.2 * len(rows)
-    fig = plt.figure(figsize=(10, height))
+    fig = pyplot().figure(figsize=(10, height))
     grid = fig.add_gridspec(2 * len(rows), 4, height_ratios=[5, 1] * len(rows), hspace=0.3, wspace=0.05,
                             top=1 - 0.6 / height, bottom=0.2 / height)
     for k, (row, image) in enumerate(zip(rows, images)):
@@ -182,20 +178,8 @@ def study_model(cfg, model: str, index: dict, tagger: Tagger, boot: dict) -> tup
     r = int(e.resolution)
     questions = index["questions"]
     qids = [q["question_id"] for q in questions]
-    arrays = {}
-    for method in ("hadamard", "attention"):
-        info = index["methods"].get(method)
-        if info is None or info.get("skipped"):
-            raise DataError(f"{model}'s attribution store has no usable {method} "
-                            f"({(info or {}).get('skipped', 'not run')}): rerun `python -m pipeline.attribute "
-                            f"model={model}` with {method} in attribution.methods",
-                            inputs.attribution_dir(cfg, model) / "index.json")
-        arrays[method] = inputs.load_method(cfg, model, method)
-        if arrays[method]["question_ids"].tolist() != qids:
-            raise DataError(f"{method}.npz and index.json list different questions: rerun "
-                            f"`python -m pipeline.attribute model={model}`",
-                            inputs.attribution_dir(cfg, model) / f"{method}.npz")
-    hadamard, attention = arrays["hadamard"], arrays["attention"]
+    hadamard = inputs.read_method(cfg, model, "hadamard", ("image_map", "question_map", "valid"), index=index)
+    attention = inputs.read_method(cfg, model, "attention", ("image_map", "image_map_raw", "valid"), index=index)
     valid = hadamard["valid"] & attention["valid"]
     usable = np.flatnonzero(valid)
     image_size = tuple(hadamard["image_map"].shape[-2:])
@@ -242,11 +226,6 @@ def figure_prefix(model: str) -> str:
     return "hadamard" if model == "mlb" else f"hadamard_{model}"
 
 
-def json_number(value: float) -> float | None:
-    """NaN (an undefined mean or interval) as JSON null: NaN is not valid JSON."""
-    return None if value is None or not np.isfinite(value) else value
-
-
 def write_figures(cfg, model: str, study: dict) -> list:
     settings = cfg.evaluation.hadamard_study
     per_figure, count = int(settings.rows), int(settings.figures)
@@ -276,10 +255,10 @@ def write_figures(cfg, model: str, study: dict) -> list:
 
 
 def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
     e = cfg.evaluation
     tagger = make_tagger(str(e.hadamard_study.tagger))
-    boot = {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
-            "seed": int(e.seed)}
+    boot = bootstrap_settings(cfg)
     table_rows, figures, skipped = [], {}, {}
     for model in [str(m) for m in e.models]:
         index = inputs.load_store(cfg, model)
@@ -301,16 +280,14 @@ def run(cfg: DictConfig) -> dict:
         log.warning("hadamard_study: no model with learned attention among %s; tables are empty",
                     list(e.models))
     table = pd.DataFrame(table_rows, columns=COLUMNS)
-    write_table(table, tables_dir(cfg) / "hadamard.csv")
     metrics = {"tagger": tagger.name, "skipped": skipped,
                "results": {r["model"]: {} for r in table_rows}}
     for r in table_rows:
         metrics["results"][r["model"]][f"{r['measure']}/{r['reference']}"] = {
-            k: json_number(r[k]) for k in ("n", "mean", "ci_low", "ci_high", "undefined", "chance")}
-    write_json(abspath(cfg.paths.metrics_dir) / "hadamard_study.json", metrics)
-    log_to_wandb(cfg, "hadamard_study", tables={"hadamard": table}, figures=figures,
-                 summary={f"{m}/{k}": v["mean"] for m, per in metrics["results"].items()
-                          for k, v in per.items()})
+            k: r[k] for k in ("n", "mean", "ci_low", "ci_high", "undefined", "chance")}
+    metrics = publish(cfg, "hadamard_study", tables={"hadamard": table}, figures=figures, metrics=metrics,
+                      start=start, summary={f"{m}/{k}": json_safe(v["mean"]) for m, per in metrics["results"].items()
+                                            for k, v in per.items()})["metrics"]
     return {**metrics, "table": table, "figures": [str(p) for p in figures.values()]}
 
 

@@ -31,11 +31,9 @@ Writes
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
-import matplotlib
-
-matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
@@ -43,12 +41,12 @@ from tqdm.auto import tqdm
 
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
-from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
-from pipeline.evaluation.outputs import figures_dir, log_to_wandb, save_figure, tables_dir, write_table
-from pipeline.evaluation.pos import Tagger, make_tagger, most_important_word, question_importance, tag_group
+from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
+from pipeline.evaluation.pos import (QUESTION_IMPORTANCE, Tagger, make_tagger, most_important_word, question_importance,
+                                     tag_group)
 from pipeline.evaluation.stats import summarise
-from pipeline.io import write_json
+from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +56,6 @@ BY_TAG_COLUMNS = ["model", "method", "tagger", "tag", "group", "tag_count", "mos
                   "p_most_important"]
 TRUTH_COLUMNS = ["model", "method", "tagger", "n", "share_ground_truth", "ci_low", "ci_high", "chance",
                  "no_most_important", "invalid"]
-
-
-def json_number(value: float) -> float | None:
-    """NaN (no question to count) as JSON null: NaN is not valid JSON."""
-    return None if value is None or not np.isfinite(value) else value
 
 
 def real_length(question: dict, width: int) -> int:
@@ -142,29 +135,9 @@ def ground_truth_hits(questions: list[dict], winners: dict[int, int], truth: dic
     return np.asarray(hits), np.asarray(chance)
 
 
-def load_question_arrays(cfg, model: str, index: dict, method: str) -> dict | None:
-    """The method's arrays, checked against the index order; None (logged) if it was skipped."""
-    info = index["methods"].get(method)
-    directory = inputs.attribution_dir(cfg, model)
-    if info is None:
-        raise DataError(f"{model}'s attribution store has no {method}: rerun `python -m pipeline.attribute "
-                        f"model={model}` with {method} in attribution.methods", directory / "index.json")
-    if info.get("skipped"):
-        log.info("%s / %s skipped by the attribute stage: %s", model, method, info["skipped"])
-        return None
-    arrays = inputs.load_method(cfg, model, method)
-    qids = [q["question_id"] for q in index["questions"]]
-    if arrays["question_ids"].tolist() != qids:
-        raise DataError(f"{method}.npz and index.json list different questions: rerun "
-                        f"`python -m pipeline.attribute model={model}`", directory / f"{method}.npz")
-    return arrays
-
-
 def plot_histogram(table: pd.DataFrame, models: list[str], methods: list[str], tagger_name: str):
     """Fig. 3: one panel per model, one bar per category and method."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.6 * len(models)), squeeze=False)
+    fig, axes = pyplot().subplots(len(models), 1, figsize=(12, 3.6 * len(models)), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for ax, model in zip(axes[:, 0], models):
         part = table[table.model == model]
@@ -189,13 +162,13 @@ def plot_histogram(table: pd.DataFrame, models: list[str], methods: list[str], t
 
 
 def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
     e = cfg.evaluation
     settings = e.pos_histogram
     models, methods = [str(m) for m in e.models], [str(m) for m in settings.methods]
     tagger = make_tagger(str(settings.tagger))
     truth = inputs.ground_truth_questions(cfg, str(e.split))["questions"]
-    boot = {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
-            "seed": int(e.seed)}
+    boot = bootstrap_settings(cfg)
 
     # Fig. 3's tags are the most frequent on the whole split, not on the explained questions.
     split_questions = processed.load_question_table(abspath(cfg.paths.processed_dir), str(e.split))
@@ -208,10 +181,13 @@ def run(cfg: DictConfig) -> dict:
         questions = index["questions"]
         metrics["questions"][model] = len(questions)
         for method in tqdm(methods, desc=f"most important words ({model})", unit="method"):
-            arrays = load_question_arrays(cfg, model, index, method)
-            if arrays is None:
-                metrics["skipped"].setdefault(model, {})[method] = index["methods"][method]["skipped"]
+            reason = index["methods"].get(method, {}).get("skipped")
+            if reason:
+                log.info("%s / %s skipped by the attribute stage: %s", model, method, reason)
+                metrics["skipped"].setdefault(model, {})[method] = reason
                 continue
+            arrays = inputs.read_method(cfg, model, method, ("valid",), index=index,
+                                        optional=("question_map", *QUESTION_IMPORTANCE.values()))
             importance = question_importance(method, arrays)
             width = importance.shape[1]
             found = most_important_words(questions, importance, arrays["valid"])
@@ -245,35 +221,29 @@ def run(cfg: DictConfig) -> dict:
                     "chance": float(chance.mean()) if len(chance) else float("nan"),
                     "no_most_important": found["constant"], "invalid": found["invalid"]})
                 metrics["ground_truth_share"].setdefault(model, {})[method] = {
-                    k: json_number(truth_rows[-1][k])
+                    k: truth_rows[-1][k]
                     for k in ("n", "share_ground_truth", "ci_low", "ci_high", "chance")}
             log.info("%s / %s: %d questions with a most important word, %d without (all equal), "
                      "%d invalid", model, method, len(found["winners"]), found["constant"], found["invalid"])
 
     histogram = pd.DataFrame(histogram_rows, columns=HISTOGRAM_COLUMNS)
-    by_tag = pd.DataFrame(by_tag_rows, columns=BY_TAG_COLUMNS)
-    tables = {"pos_histogram": histogram, "pos_histogram_by_tag": by_tag}
-    write_table(histogram, tables_dir(cfg) / "pos_histogram.csv")
-    write_table(by_tag, tables_dir(cfg) / "pos_histogram_by_tag.csv")
-    # Written on real data too (header only: no ground truth there), so the stage's outputs
-    # are the same files whatever the data.
-    truth_table = pd.DataFrame(truth_rows, columns=TRUTH_COLUMNS)
-    write_table(truth_table, tables_dir(cfg) / "pos_ground_truth.csv")
-    if truth:
-        tables["pos_ground_truth"] = truth_table
-        for r in truth_rows:
-            log.info("%s / %s: most important word is a ground-truth word in %.1f%% of %d questions "
-                     "(95%% CI %.1f-%.1f; chance %.1f%%)", r["model"], r["method"],
-                     100 * r["share_ground_truth"], r["n"], 100 * r["ci_low"], 100 * r["ci_high"],
-                     100 * r["chance"])
-    figure = save_figure(plot_histogram(histogram, models, methods, tagger.name),
-                         figures_dir(cfg) / "pos_histogram.png")
-    write_json(abspath(cfg.paths.metrics_dir) / "pos_histogram.json", metrics)
-    summary = {f"ground_truth_share/{m}/{meth}": v["share_ground_truth"]
-               for m, per in metrics["ground_truth_share"].items() for meth, v in per.items()}
-    log_to_wandb(cfg, "pos_histogram", tables=tables, figures={"pos_histogram": figure},
-                 summary={"tagger": tagger.name, **summary})
-    return {**metrics, "tables": tables}
+    # pos_ground_truth is written on real data too (header only: no ground truth there), so the
+    # stage's outputs are the same files whatever the data.
+    tables = {"pos_histogram": histogram, "pos_histogram_by_tag": pd.DataFrame(by_tag_rows, columns=BY_TAG_COLUMNS),
+              "pos_ground_truth": pd.DataFrame(truth_rows, columns=TRUTH_COLUMNS)}
+    for r in truth_rows:
+        log.info("%s / %s: most important word is a ground-truth word in %.1f%% of %d questions "
+                 "(95%% CI %.1f-%.1f; chance %.1f%%)", r["model"], r["method"],
+                 100 * r["share_ground_truth"], r["n"], 100 * r["ci_low"], 100 * r["ci_high"],
+                 100 * r["chance"])
+    published = publish(cfg, "pos_histogram", tables=tables, metrics=metrics, start=start,
+                        figures={"pos_histogram": plot_histogram(histogram, models, methods, tagger.name)},
+                        summary={"tagger": tagger.name, **{
+                            f"ground_truth_share/{m}/{meth}": json_safe(v["share_ground_truth"])
+                            for m, per in metrics["ground_truth_share"].items() for meth, v in per.items()}})
+    if not truth:
+        del tables["pos_ground_truth"]
+    return {**published["metrics"], "tables": tables}
 
 
 main = stage_main(run)

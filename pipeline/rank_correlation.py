@@ -59,14 +59,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.attribution.methods.random import NAME as RANDOM
-from pipeline.attribution.store import read_arrays
-from pipeline.config import abspath, replicate_config, stage_main, training_seeds
+from pipeline.config import replicate_config, stage_main, training_seeds
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
-from pipeline.evaluation.outputs import (figures_dir, json_safe, log_to_wandb, markdown_table, save_figure,
-                                         tables_dir, write_table)
+from pipeline.evaluation.outputs import bootstrap_settings, json_safe, markdown_table, publish
 from pipeline.evaluation.stats import has_ties, is_constant, spearman_rows, summarise
-from pipeline.io import write_json, write_text
+from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +84,11 @@ BY_TYPE_COLUMNS = ["model", "method", "reference", "answer_type", "n", "mean", "
                    "beats_random"]
 
 
-def load_image_maps(cfg, model: str, method: str, question_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def load_image_maps(cfg, model: str, method: str, index: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N x H x W image maps as float32, N valid flags) of one method, in index order. Only the
-    three arrays needed are decompressed (the raw maps and extras are most of the file)."""
-    path = inputs.attribution_dir(cfg, model) / f"{method}.npz"
-    rerun = inputs.rerun_attribute(cfg, model)
-    if not path.is_file():
-        raise DataError(f"the attribution store of {model} lists {method!r} but has no arrays for "
-                        f"it: {rerun}", path)
-    data = read_arrays(path, ["question_ids", "image_map", "valid"])
-    missing = {"question_ids", "image_map", "valid"} - set(data)
-    if missing:
-        raise DataError(f"{method!r} lacks {sorted(missing)}: {rerun}", path)
-    if data["question_ids"].tolist() != question_ids:
-        raise DataError(f"the question ids of {method!r} differ from the store's index (a "
-                        f"half-written store?): {rerun}", path)
-    return data["image_map"].astype(np.float32), data["valid"].astype(bool)
+    arrays needed are decompressed (the raw maps and extras are most of the file)."""
+    arrays = inputs.read_method(cfg, model, method, ("image_map", "valid"), index=index)
+    return arrays["image_map"].astype(np.float32), arrays["valid"].astype(bool)
 
 
 def _per_question_mean(rho_pairs: np.ndarray, pair_question: np.ndarray, n: int) -> np.ndarray:
@@ -265,10 +252,7 @@ def plot(table: pd.DataFrame, references: list[str], resolution: int,
     """Horizontal bars (mean rho) with bootstrap-interval whiskers: one panel per reference,
     one bar per model side by side within each method; a black dot on a bar for each training
     seed's mean (``by_seed``), so the spread across seeds sits next to the interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(dict.fromkeys(table["method"]))
     models = [m for m in dict.fromkeys(table["model"]) if m != HUMAN]
@@ -357,10 +341,7 @@ def readable_by_type(table: pd.DataFrame) -> pd.DataFrame:
 def plot_by_type(table: pd.DataFrame, reference: str):
     """One heat map per model: methods x answer types, mean rho against ``reference``, the
     cells whose interval does not lie above random's hatched."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     part = table[(table["reference"] == reference) & (table["model"] != HUMAN)]
     models = list(dict.fromkeys(part["model"]))
@@ -408,10 +389,10 @@ def score_run(cfg, models: list[str], references: dict[str, dict], boot: dict,
             raise DataError(f"the attribution store of {model} covers other questions than the main "
                             f"run's: {inputs.rerun_attribute(cfg, model)}", inputs.attribution_dir(cfg, model))
         answer_types = [str(q.get("answer_type", "unknown")) for q in index["questions"]]
-        methods = [m for m in inputs.available_methods(index)
+        methods = [m for m in inputs.methods_that_ran(index)
                    if "image_map" in index["methods"][m].get("arrays", [])]
         for method in tqdm(methods, desc=f"rank correlation {model}", unit="method", leave=False):
-            maps, valid = load_image_maps(cfg, model, method, ids)
+            maps, valid = load_image_maps(cfg, model, method, index)
             small = inputs.to_resolution(np.abs(maps), int(cfg.evaluation.resolution))
             # A map that is finite at full resolution stays finite after area averaging, but an
             # overflow in float16 would not: recheck.
@@ -451,8 +432,7 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluation
     resolution = int(e.resolution)
-    boot = {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
-            "seed": int(e.seed)}
+    boot = bootstrap_settings(cfg)
     split = str(e.split)
     models = [str(m) for m in e.models]
     if not models:
@@ -504,37 +484,10 @@ def run(cfg: DictConfig) -> dict:
     table.loc[~human, "seeds"] = table.loc[~human, "seeds"].astype(int)
     table = table[COLUMNS]
 
-    out_tables = tables_dir(cfg)
-    (csv_path,) = write_table(table, out_tables / f"{STAGE}.csv", markdown=False)
-    write_text(out_tables / f"{STAGE}.md",
-               f"Spearman rank correlation of |image map| with each reference over "
-               f"{resolution}x{resolution} cells; mean over questions with a 95% bootstrap "
-               f"interval ({boot['samples']} resamples), for the model trained with seed "
-               f"{seeds[0]}; then the spread of that mean over {len(seeds)} training seeds "
-               f"({', '.join(map(str, seeds))}): mean ± sd [min, max], and on how many seeds the "
-               "interval lies above random's. A method beats random only if it does on every "
-               "seed.\n\n" + markdown_table(readable_table(table)))
-    write_table(by_seed, out_tables / f"{BY_SEED}.csv", markdown=False)
-    write_text(out_tables / f"{BY_SEED}.md",
-               f"Every training seed's row of the rank-correlation table (mean over questions, 95% "
-               f"bootstrap interval, beats random against the same seed's random map).\n\n"
-               + markdown_table(by_seed))
-    figure = save_figure(plot(table, list(references), resolution, by_seed),
-                         figures_dir(cfg) / f"{STAGE}.png")
-
     by_type = in_table_order(by_answer_type(scores, boot), list(references), models)
-    write_table(by_type, out_tables / f"{BY_TYPE}.csv", markdown=False)
-    type_reference = GROUND_TRUTH if GROUND_TRUTH in references else HUMAN
-    write_text(out_tables / f"{BY_TYPE}.md",
-               f"The table above per answer type (the model trained with seed {seeds[0]}): mean "
-               f"Spearman rho over {resolution}x{resolution} cells [95% bootstrap interval]; * where "
-               f"the interval lies entirely above the random map's for the same model, reference "
-               f"and answer type.\n\n" + markdown_table(readable_by_type(by_type)))
-    type_figure = save_figure(plot_by_type(by_type, type_reference), figures_dir(cfg) / f"{BY_TYPE}.png")
-
     metrics: dict = {}
     for row in table.itertuples(index=False):
-        metrics.setdefault(row.model, {}).setdefault(row.method, {})[row.reference] = json_safe(row.mean)
+        metrics.setdefault(row.model, {}).setdefault(row.method, {})[row.reference] = row.mean
     metrics["training_seeds"] = seeds
     metrics["not_beating_random"] = [f"{r.model}/{r.method}/{r.reference}"
                                      for r in table.itertuples(index=False) if r.beats_random is False]
@@ -548,17 +501,32 @@ def run(cfg: DictConfig) -> dict:
     metrics["not_beating_random_by_answer_type"] = [
         f"{r.model}/{r.method}/{r.reference}/{r.answer_type}"
         for r in by_type.itertuples(index=False) if r.beats_random is False]
-    write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
 
-    summary = {f"{r.model}/{r.method}/{r.reference}": json_safe(r.mean)
-               for r in table.itertuples(index=False)}
-    log_to_wandb(cfg, STAGE, tables={STAGE: table, BY_TYPE: by_type, BY_SEED: by_seed},
-                 figures={STAGE: figure, BY_TYPE: type_figure}, summary=summary)
-    seconds = time.perf_counter() - start
-    log.info("rank correlation of %d rows over %d questions and %d training seeds in %.1f s -> %s",
-             len(table), len(every_question), len(seeds), seconds, csv_path)
-    return {"table": table, "by_answer_type": by_type, "by_seed": by_seed, "metrics": metrics,
-            "seconds": seconds}
+    type_reference = GROUND_TRUTH if GROUND_TRUTH in references else HUMAN
+    published = publish(
+        cfg, STAGE, start=start, metrics=metrics,
+        note=f"{len(table)} rows over {len(every_question)} questions and {len(seeds)} training seeds",
+        tables={
+            STAGE: (table, f"Spearman rank correlation of |image map| with each reference over "
+                           f"{resolution}x{resolution} cells; mean over questions with a 95% bootstrap "
+                           f"interval ({boot['samples']} resamples), for the model trained with seed "
+                           f"{seeds[0]}; then the spread of that mean over {len(seeds)} training seeds "
+                           f"({', '.join(map(str, seeds))}): mean ± sd [min, max], and on how many seeds "
+                           "the interval lies above random's. A method beats random only if it does on "
+                           "every seed.\n\n" + markdown_table(readable_table(table))),
+            BY_TYPE: (by_type, f"The table above per answer type (the model trained with seed {seeds[0]}): "
+                               f"mean Spearman rho over {resolution}x{resolution} cells [95% bootstrap "
+                               f"interval]; * where the interval lies entirely above the random map's for "
+                               f"the same model, reference and answer type.\n\n"
+                               + markdown_table(readable_by_type(by_type))),
+            BY_SEED: (by_seed, f"Every training seed's row of the rank-correlation table (mean over "
+                               f"questions, 95% bootstrap interval, beats random against the same seed's "
+                               f"random map).\n\n" + markdown_table(by_seed))},
+        figures={STAGE: plot(table, list(references), resolution, by_seed),
+                 BY_TYPE: plot_by_type(by_type, type_reference)},
+        summary={f"{r.model}/{r.method}/{r.reference}": json_safe(r.mean) for r in table.itertuples(index=False)})
+    return {"table": table, "by_answer_type": by_type, "by_seed": by_seed, "metrics": published["metrics"],
+            "seconds": published["seconds"]}
 
 
 main = stage_main(run)

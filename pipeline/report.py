@@ -36,14 +36,13 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution.methods.gradcam_counterfactual import NAME as COUNTERFACTUAL
 from pipeline.attribution.methods.random import NAME as RANDOM
-from pipeline.attribution.store import read_arrays
 from pipeline.config import abspath, replicate_config, stage_main, training_seeds
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
-from pipeline.evaluation.outputs import figures_dir, log_to_wandb, markdown_table, tables_dir
+from pipeline.evaluation.outputs import figures_dir, markdown_table, publish, tables_dir
 from pipeline.evaluation.published import PUBLISHED, PublishedValue, for_section
-from pipeline.io import atomic_directory, read_json, write_json, write_text
+from pipeline.io import atomic_directory, read_json, write_text
 from pipeline.models.checkpoint import train_metrics_path
 from pipeline.viz.gallery import gallery_html, render_entry_images, sample_questions
 from pipeline.viz.overlay import display_image
@@ -554,19 +553,6 @@ def build_readme(cfg, models: list[str], assembled: Assembled) -> str:
 
 # --- the gallery ------------------------------------------------------------------------------
 
-def load_question_arrays(cfg, model: str, method: str, question_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Only the arrays the gallery draws (image map, validity, question map) of one method."""
-    path = inputs.attribution_dir(cfg, model) / f"{method}.npz"
-    if not path.is_file():
-        raise DataError(f"the store lists {method} but has no file for it: rerun `python -m "
-                        f"pipeline.attribute model={model}`", path)
-    data = read_arrays(path, ["question_ids", "image_map", "valid", "question_map"])
-    if not np.array_equal(data.pop("question_ids"), question_ids):
-        raise DataError("question order differs from index.json: rerun `python -m "
-                        f"pipeline.attribute model={model}`", path)
-    return data
-
-
 def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict[str, int]]:
     g = cfg.evaluation.report.gallery
     records = {r["question_id"]: r for r in processed.load_question_table(
@@ -575,7 +561,7 @@ def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict
     entries, counts = [], {}
     for model in models:
         index = inputs.load_store(cfg, model)
-        methods = inputs.available_methods(index)
+        methods = inputs.methods_that_ran(index)
         if g.methods is not None:
             unknown = sorted(set(g.methods) - set(index["methods"]))
             if unknown:
@@ -583,10 +569,13 @@ def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict
                                 f"of {model} does not have ({list(index['methods'])})",
                                 inputs.attribution_dir(cfg, model))
             methods = [m for m in methods if m in set(g.methods)]
-        question_ids = np.array([q["question_id"] for q in index["questions"]])
-        position = {int(q): i for i, q in enumerate(question_ids)}
+        position = {int(q["question_id"]): i for i, q in enumerate(index["questions"])}
         sample = sample_questions(index["questions"], int(g.questions), int(cfg.evaluation.seed), model)
-        arrays = {m: load_question_arrays(cfg, model, m, question_ids) for m in methods}
+        # Only the arrays the gallery draws (image map, validity, question map) of each method.
+        arrays = {m: inputs.read_method(cfg, model, m, (), optional=("image_map", "valid", "question_map"),
+                                        index=index) for m in methods}
+        for a in arrays.values():
+            del a["question_ids"]
         out_dir = gallery_dir / model
         out_dir.mkdir(parents=True, exist_ok=True)
         for row in tqdm(sample, desc=f"gallery {model}", unit="q"):
@@ -636,13 +625,11 @@ def run(cfg: DictConfig) -> dict:
                              "not_verified": sum(not p.verified for p in PUBLISHED)},
         "not_beating_random": assembled.not_beating_random,
     }
-    write_json(abspath(cfg.paths.metrics_dir) / "report.json", metrics)
-    log_to_wandb(cfg, "report", figures=assembled.figures,
-                 summary={"gallery_questions": sum(counts.values()), "gallery_overlays": overlays,
-                          "tables_included": len(assembled.tables)})
-    seconds = time.perf_counter() - start
-    log.info("report: %d tables, %d figures, gallery of %d questions (%d overlays) in %.1f s",
-             len(assembled.tables), len(assembled.figures), sum(counts.values()), overlays, seconds)
+    seconds = publish(cfg, "report", figures=assembled.figures, metrics=metrics, start=start,
+                      summary={"gallery_questions": sum(counts.values()), "gallery_overlays": overlays,
+                               "tables_included": len(assembled.tables)},
+                      note=f"{len(assembled.tables)} tables and {len(assembled.figures)} figures included, "
+                           f"gallery of {sum(counts.values())} questions ({overlays} overlays)")["seconds"]
     return {**metrics, "seconds": round(seconds, 1)}
 
 

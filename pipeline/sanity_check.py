@@ -44,14 +44,14 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution import explain
 from pipeline.attribution.methods.random import NAME as RANDOM
-from pipeline.config import abspath, stage_main
+from pipeline.config import stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs, randomisation
-from pipeline.evaluation.outputs import figures_dir, json_safe, log_to_wandb, save_figure, tables_dir, write_table
+from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
 from pipeline.evaluation.stats import summarise
-from pipeline.io import write_json
 from pipeline.models import load_trained_model
 from pipeline.seeding import seed_everything
+from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,9 @@ def step_options(options: dict, seed: int, step: int) -> dict:
     return o
 
 
-def cascade(cfg, model_name: str, s, boot, seed: int) -> tuple[list[dict], dict]:
+def cascade(cfg, model_name: str, s, boot: dict) -> tuple[list[dict], dict]:
     """The rows of the sanity table for one model and its metrics."""
+    seed = boot["seed"]
     model = load_trained_model(cfg, model_name)
     records, images, tokens = inputs.question_batch(cfg, model, str(cfg.evaluation.split),
                                                      int(s.questions))
@@ -145,7 +146,7 @@ def cascade(cfg, model_name: str, s, boot, seed: int) -> tuple[list[dict], dict]
                 results.append(("question", randomisation.question_correlation(
                     question, current[method][1], real_tokens[:n])))
             for modality, rho in results:
-                summary = summarise(rho, int(boot.samples), float(boot.confidence), seed)
+                summary = summarise(rho, **boot)
                 rows.append({"model": model_name, "method": method, "modality": modality, "step": step,
                              "layers_randomised": unit, **summary,
                              "undefined": int(np.isnan(rho).sum()), "flagged": False})
@@ -172,13 +173,10 @@ def cascade(cfg, model_name: str, s, boot, seed: int) -> tuple[list[dict], dict]
     return table.to_dict("records"), metrics
 
 
-def sanity_figure(table: pd.DataFrame, metrics: dict, threshold: float, path):
+def sanity_figure(table: pd.DataFrame, metrics: dict, threshold: float):
     """Adebayo et al. Fig. 2: rank correlation with the trained model's maps as the layers are
     randomised from the top down; one panel per model and modality."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(table["model"]))
     modalities = ["image", "question"]
@@ -209,29 +207,27 @@ def sanity_figure(table: pd.DataFrame, metrics: dict, threshold: float, path):
             if len(t):
                 ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     ev = cfg.evaluation
-    s, boot, seed = ev.sanity_check, ev.bootstrap, int(ev.seed)
-    seed_everything(seed)
+    s, boot = ev.sanity_check, bootstrap_settings(cfg)
+    seed_everything(boot["seed"])
     rows, metrics = [], {"models": {}}
     for model_name in ev.models:
-        model_rows, m = cascade(cfg, str(model_name), s, boot, seed)
+        model_rows, m = cascade(cfg, str(model_name), s, boot)
         rows += model_rows
         metrics["models"][str(model_name)] = m
     table = pd.DataFrame(rows, columns=COLUMNS)
-    write_table(table, tables_dir(cfg) / "sanity.csv")
-    figure = sanity_figure(table, metrics, float(s.threshold), figures_dir(cfg) / "sanity.png")
+    figure = sanity_figure(table, metrics, float(s.threshold))
     metrics = json_safe(metrics)
-    write_json(abspath(cfg.paths.metrics_dir) / f"{STAGE}.json", metrics)
     summary = {f"{model}/{key}/{when}": value for model, m in metrics["models"].items()
                for key, v in m["correlation"].items() for when, value in v.items()}
     summary.update({f"{model}/flagged": len(m["flagged"]) for model, m in metrics["models"].items()})
-    log_to_wandb(cfg, STAGE, tables={"sanity": table}, figures={"sanity": figure}, summary=summary)
-    log.info("sanity check of %s in %.1f s", list(metrics["models"]), time.perf_counter() - start)
+    publish(cfg, STAGE, tables={"sanity": table}, figures={"sanity": figure}, metrics=metrics, summary=summary,
+            start=start, note=f"models {list(metrics['models'])}")
     return metrics
 
 

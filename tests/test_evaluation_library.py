@@ -62,8 +62,8 @@ def test_store_and_maps_of_the_explained_world(explained_world):
     cfg = evaluation_config(explained_world)
     index = inputs.load_store(cfg, "mlb")
     qids = [q["question_id"] for q in index["questions"]]
-    assert "attention" in inputs.available_methods(index)
-    assert "attention" not in inputs.available_methods(inputs.load_store(cfg, "lstm_cnn"))
+    assert "attention" in inputs.methods_that_ran(index)
+    assert "attention" not in inputs.methods_that_ran(inputs.load_store(cfg, "lstm_cnn"))
     humans = inputs.human_maps(cfg, "val", qids, 16)
     assert humans and all(m.shape[1:] == (16, 16) for m in humans.values())
     truth = inputs.ground_truth_maps(cfg, "val", qids, 16)

@@ -120,7 +120,7 @@ def test_stage_writes_the_table_and_its_features(explained_world, tmp_path):
     for model in MODELS:
         index = inputs.load_store(cfg, model)
         questions = index["questions"]
-        arrays = inputs.load_method(cfg, model, "occlusion")
+        arrays = inputs.read_method(cfg, model, "occlusion")
         frame = result["frames"][model]
         grid = arrays["image_map_raw"].shape[-1]
         # Features against a plain per-question computation.

@@ -186,7 +186,7 @@ def test_top_neuron_table_and_overlaps_match_plain_loops(stage_run):
     for model in MODELS:
         rows, scores = gating_study.load_neuron_scores(cfg, model)
         row_of = {r["question_id"]: i for i, r in enumerate(rows)}
-        stored = inputs.load_method(cfg, model, "gated_gradcam")
+        stored = inputs.read_method(cfg, model, "gated_gradcam")
         stored_row = {q: i for i, q in enumerate(stored["question_ids"].tolist())}
         t = top[top["model"] == model]
         for (_, _, qid), g in t.groupby(["case", "group", "question_id"]):
@@ -360,7 +360,7 @@ def test_stage_logs_to_wandb_offline_once(explained_world, tmp_path, monkeypatch
 
     calls = []
     real = outputs.log_to_wandb
-    monkeypatch.setattr(gating_study, "log_to_wandb",
+    monkeypatch.setattr(outputs, "log_to_wandb",
                         lambda *a, **k: (calls.append((a, k)), real(*a, **k))[1])
     cfg = stage_config(explained_world, tmp_path, "logger=wandb", f"paths.log_dir={tmp_path / 'logs'}",
                        "evaluation.models=[mlb]")

@@ -62,8 +62,8 @@ def test_spearman_and_noun_shares_match_an_independent_computation(explained_wor
     assert result["skipped"].keys() == {"lstm_cnn"} and "attention" in result["skipped"]["lstm_cnn"]
 
     index = inputs.load_store(cfg, "mlb")
-    had = inputs.load_method(cfg, "mlb", "hadamard")
-    att = inputs.load_method(cfg, "mlb", "attention")
+    had = inputs.read_method(cfg, "mlb", "hadamard")
+    att = inputs.read_method(cfg, "mlb", "attention")
     valid = had["valid"] & att["valid"]
     qids = [q["question_id"] for q in index["questions"]]
     truth = inputs.ground_truth_maps(cfg, "val", qids, 16)

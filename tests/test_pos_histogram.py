@@ -299,7 +299,7 @@ def test_stage_matches_a_plain_recount(explained_world, tmp_path):
     for model in ("lstm_cnn", "mlb"):
         index = inputs.load_store(cfg, model)
         assert len(split) == 2 * len(index["questions"])
-        width = inputs.load_method(cfg, model, "occlusion")["question_map"].shape[1]
+        width = inputs.read_method(cfg, model, "occlusion")["question_map"].shape[1]
         frequency = Counter(t for q in split for t in tagger.tag(q["tokens"][:width]))
         expected_order = sorted(frequency, key=lambda t: (-frequency[t], t))[:15]
         assert "." in expected_order  # the "?" that ends every question (data.question_mark)
@@ -315,7 +315,7 @@ def test_stage_matches_a_plain_recount(explained_world, tmp_path):
         for method in ("guided_backprop", "occlusion", "hadamard", "integrated_gradients"):
             rows = table[(table.model == model) & (table.method == method)]
             assert rows.tag.tolist() == expected_order
-            recount = _plain_recount(index, inputs.load_method(cfg, model, method), method, tagger,
+            recount = _plain_recount(index, inputs.read_method(cfg, model, method), method, tagger,
                                      expected_order)
             for row in rows.itertuples():
                 count, winners = recount[row.tag]
@@ -344,7 +344,7 @@ def test_stage_matches_a_plain_recount(explained_world, tmp_path):
     assert len(truth) == 8
     gt = inputs.ground_truth_questions(cfg, "val")["questions"]
     index = inputs.load_store(cfg, "mlb")
-    arrays = inputs.load_method(cfg, "mlb", "occlusion")
+    arrays = inputs.read_method(cfg, "mlb", "occlusion")
     hits, chances = [], []
     for row, q in enumerate(index["questions"]):
         scores = arrays["question_map"][row, :len(q["tokens"])].astype(np.float64)
@@ -426,7 +426,7 @@ def test_stage_uses_nltk_when_its_data_is_there(explained_world, fake_nltk_data,
     assert set(table.tag) <= classes
     split = processed.load_question_table(abspath(cfg.paths.processed_dir), "val")
     for model in ("lstm_cnn", "mlb"):
-        width = inputs.load_method(cfg, model, "occlusion")["question_map"].shape[1]
+        width = inputs.read_method(cfg, model, "occlusion")["question_map"].shape[1]
         frequency = Counter(t for q in split for t in nltk_tagger.tag(q["tokens"][:width]))
         expected_order = sorted(frequency, key=lambda t: (-frequency[t], t))[:15]
         rows = table[(table.model == model) & (table.method == "occlusion")]

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from pipeline import rank_correlation
 from pipeline.config import abspath
 from pipeline.data.errors import DataError
-from pipeline.evaluation import inputs
+from pipeline.evaluation import inputs, outputs
 from tests.conftest import evaluation_config
 
 MODELS = ("lstm_cnn", "mlb")
@@ -41,7 +41,7 @@ def loop_question_rho(cfg, model, method, resolution=16):
     """question id -> mean over annotators of scipy's Spearman, one question at a time."""
     index = inputs.load_store(cfg, model)
     qids = [q["question_id"] for q in index["questions"]]
-    arrays = inputs.load_method(cfg, model, method)
+    arrays = inputs.read_method(cfg, model, method)
     humans = inputs.human_maps(cfg, "val", qids, resolution)
     out = {}
     for i, q in enumerate(qids):
@@ -62,7 +62,7 @@ def test_per_question_spearman_matches_scipy_in_a_loop(explained_world, tmp_path
     for model, method in (("mlb", "guided_backprop"), ("lstm_cnn", "occlusion"), ("mlb", "attention")):
         index = inputs.load_store(cfg, model)
         qids = [q["question_id"] for q in index["questions"]]
-        maps, valid = rank_correlation.load_image_maps(cfg, model, method, qids)
+        maps, valid = rank_correlation.load_image_maps(cfg, model, method)
         small = inputs.to_resolution(np.abs(maps), 16)
         rho, counts = rank_correlation.score_maps(small, valid, qids, inputs.human_maps(cfg, "val", qids, 16))
         expected = loop_question_rho(cfg, model, method)
@@ -177,7 +177,7 @@ def test_injected_maps_missing_and_odd_sized_human_maps(explained_world, tmp_pat
     arrays.pop("image_map_scale", None)  # the maps written here are at their own scale
     np.savez_compressed(store, **arrays)
 
-    maps, valid = rank_correlation.load_image_maps(cfg, model, method, qids)
+    maps, valid = rank_correlation.load_image_maps(cfg, model, method)
     humans = inputs.human_maps(cfg, "val", qids, 16)
     assert humans[odd].shape == (1, 16, 16)
     assert np.allclose(humans[odd][0], inputs.to_resolution(odd_map / 255.0, 16), atol=1e-6)
@@ -241,7 +241,7 @@ def test_stage_is_deterministic_and_writes_the_expected_table(explained_world, t
         part = table[table.reference == reference]
         for model in MODELS:
             methods = part[part.model == model].method.tolist()
-            stored = inputs.available_methods(inputs.load_store(first, model))
+            stored = inputs.methods_that_ran(inputs.load_store(first, model))
             assert methods == ["random", *[m for m in stored if m != "random"]]
             assert methods[0] == "random" and part[part.model == model].beats_random.iloc[0] == ""
             # A verdict wherever both intervals exist; undetermined ("") only without one (e.g. a
@@ -376,7 +376,7 @@ def test_offline_wandb_run_holds_both_tables(explained_world, tmp_path, monkeypa
 
 def test_stage_logs_its_table_and_figure_once(explained_world, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rank_correlation, "log_to_wandb", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(outputs, "log_to_wandb", lambda *args, **kwargs: calls.append((args, kwargs)))
     result = rank_correlation.run(stage_config(explained_world, tmp_path, "evaluation.models=[lstm_cnn]"))
     assert len(calls) == 1
     (cfg, stage), kwargs = calls[0]

@@ -217,19 +217,19 @@ def test_gallery_shows_the_sampled_questions_with_existing_overlays(reported, ex
         for qid, answer_type, status in shown:
             assert rows[qid]["answer_type"] == answer_type and correctness(rows[qid]["correct"]) == status
         assert {t for _, t, _ in shown} == {q["answer_type"] for q in rows.values()}
-        methods = inputs.available_methods(index)
-        size = inputs.load_method(cfg, model, methods[0])["image_map"].shape[-1]
+        methods = inputs.methods_that_ran(index)
+        size = inputs.read_method(cfg, model, methods[0])["image_map"].shape[-1]
         for qid, _, _ in shown:
             for method in methods:
                 assert f'src="gallery/{model}/{qid}_{method}.png"' in page
     sources = re.findall(r'<img src="([^"]+)"', page)
-    n_methods = {m: len(inputs.available_methods(inputs.load_store(cfg, m))) for m in ("lstm_cnn", "mlb")}
+    n_methods = {m: len(inputs.methods_that_ran(inputs.load_store(cfg, m))) for m in ("lstm_cnn", "mlb")}
     assert len(sources) == sum(result["gallery_questions"][m] * (1 + n_methods[m]) for m in n_methods)
     for src in sources:
         with Image.open(reports / src) as im:
             assert im.size == (size, size) and im.mode == "RGB"
     # One checkbox per method that ran anywhere; the filters exist.
-    for method in inputs.available_methods(inputs.load_store(cfg, "mlb")):
+    for method in inputs.methods_that_ran(inputs.load_store(cfg, "mlb")):
         assert f'class="f-method" value="{method}"' in page
     assert 'id="f-model"' in page and 'id="f-type"' in page and "function applyFilters" in page
 

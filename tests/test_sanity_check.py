@@ -15,7 +15,7 @@ from pipeline import sanity_check
 from pipeline.attribution import explain
 from pipeline.config import abspath
 from pipeline.data import processed
-from pipeline.evaluation import inputs, randomisation
+from pipeline.evaluation import inputs, outputs, randomisation
 from pipeline.evaluation.outputs import tables_dir
 from pipeline.models import load_model
 from tests.conftest import evaluation_config
@@ -216,7 +216,7 @@ def test_threshold_extremes(trained_world, tmp_path):
 
 def test_stage_logs_its_table_and_figure_once(trained_world, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(sanity_check, "log_to_wandb", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(outputs, "log_to_wandb", lambda *a, **k: calls.append((a, k)))
     cfg = stage_config(trained_world, tmp_path, "evaluation.models=[mlb]", "evaluation.sanity_check.backbone=false",
                        "evaluation.sanity_check.methods=[gradcam,guided_backprop]")
     metrics = sanity_check.run(cfg)

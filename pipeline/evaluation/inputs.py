@@ -7,6 +7,7 @@ of the pixels it covers), so a human map of another size is resized, never rejec
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +58,44 @@ def load_store(cfg, model: str) -> dict:
     return index
 
 
-def available_methods(index: dict) -> list[str]:
-    """Methods that ran on this model (not skipped), in the order the stage ran them."""
+def methods_that_ran(index: dict) -> list[str]:
+    """Methods that ran on this model (not skipped), in the order the stage ran them (not
+    :func:`pipeline.attribution.available_methods`, the methods that are registered)."""
     return [m for m, info in index["methods"].items() if not info.get("skipped")]
 
 
-def load_method(cfg, model: str, method: str) -> dict[str, np.ndarray]:
-    return store.load_method(attribution_dir(cfg, model), method)
+def read_method(cfg, model: str, method: str, keys: Iterable[str] | None = None, *,
+                optional: Iterable[str] = (), index: dict | None = None,
+                needs: str = "") -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (every array with None) and, where the method has them, ``optional``
+    of one method of ``model``'s attribution store, with ``question_ids``, in index order; only
+    those arrays are decompressed (:func:`pipeline.attribution.store.read_arrays`).
+
+    Checked: the method ran and was not skipped, its file is there with every one of ``keys``,
+    and its question ids are the index's (``index``: the store's, loaded when not given). Any
+    failure is a :class:`DataError` naming the command and stage that write the store again
+    (:func:`rerun_attribute`), after ``needs`` (why the caller needs this method) when given."""
+    index = load_store(cfg, model) if index is None else index
+    path = attribution_dir(cfg, model) / f"{method}.npz"
+    info = index["methods"].get(method)
+    keys = None if keys is None else list(keys)
+    if info is None:
+        problem = f"has no {method} (not run: add it to attribution.methods)"
+    elif info.get("skipped"):
+        problem = f"has no {method} (skipped: {info['skipped']})"
+    elif not path.is_file():
+        problem = f"lists {method} but has no arrays for it"
+    else:
+        arrays = store.read_arrays(path, None if keys is None else ["question_ids", *keys, *optional])
+        missing = sorted({"question_ids", *(keys or ())} - set(arrays))
+        if missing:
+            problem = f"has no {missing} for {method}"
+        elif arrays["question_ids"].tolist() != [int(q["question_id"]) for q in index["questions"]]:
+            problem = f"lists other questions for {method} than its index (a half-written store?)"
+        else:
+            return arrays
+    raise DataError(f"the attribution store of {model} {problem}{'; ' + needs if needs else ''}: "
+                    f"{rerun_attribute(cfg, model)}", path)
 
 
 def question_batch(cfg, model, split_key: str, count: int | None = None,

@@ -1,16 +1,18 @@
 """Writing what the evaluation stages produce: tables as CSV and Markdown, figures as PNG (each
-written atomically), and the same tables and figures logged to the run's wandb project (offline
-by default, like training)."""
+written atomically), metrics as JSON, and the same tables and figures logged to the run's wandb
+project (offline by default, like training). Every stage ends with :func:`publish`."""
 from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.config import abspath
-from pipeline.io import atomic_path, write_text
+from pipeline.io import atomic_path, write_json, write_text
+from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,24 @@ def json_safe(value):
     return value
 
 
+def bootstrap_settings(cfg) -> dict:
+    """The percentile bootstrap of every table (``evaluation.bootstrap``, ``evaluation.seed``) as
+    keyword arguments of :func:`pipeline.evaluation.stats.summarise` and ``bootstrap_ci``."""
+    e = cfg.evaluation
+    return {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
+            "seed": int(e.seed)}
+
+
 def tables_dir(cfg) -> Path:
     return abspath(cfg.paths.reports_dir) / "tables"
 
 
 def figures_dir(cfg) -> Path:
     return abspath(cfg.paths.reports_dir) / "figures"
+
+
+def metrics_path(cfg, stage: str) -> Path:
+    return abspath(cfg.paths.metrics_dir) / f"{stage}.json"
 
 
 def _cell(value, digits: int) -> str:
@@ -66,8 +80,7 @@ def write_table(df: pd.DataFrame, path: Path, markdown: bool = True, digits: int
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure atomically as PNG (no timestamps in the file: reproducible)."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -80,9 +93,7 @@ def not_measured_figure(path: Path, reason: str) -> Path:
     """A small figure that says why a measurement was left out (e.g. it needs the synthetic
     world's ground truth): a stage writes every output dvc.yaml declares, and none from an
     earlier run on other data may stay behind."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 1))
+    fig, ax = pyplot().subplots(figsize=(5, 1))
     ax.axis("off")
     ax.text(0.5, 0.5, f"Not measured: {reason}", ha="center", va="center", wrap=True, fontsize=8)
     return save_figure(fig, path)
@@ -122,3 +133,40 @@ def log_to_wandb(cfg, stage: str, tables: dict[str, pd.DataFrame] | None = None,
             run.summary[f"{stage}/{key}"] = value
     finally:
         run.finish()
+
+
+def publish(cfg, stage: str, *, tables: dict | None = None, figures: dict | None = None,
+            metrics: dict | None = None, summary: dict | None = None, start: float | None = None,
+            note: str = "") -> dict:
+    """The end of every evaluation stage: write its outputs, log them to wandb, log the time.
+
+    ``tables``: name -> DataFrame, written as ``reports/tables/<name>.csv`` and ``.md``
+    (:func:`write_table`), or name -> (DataFrame, Markdown text): the ``.md`` is that text (a
+    caption before the table, or why it was not measured). ``figures``: name -> matplotlib figure,
+    saved as ``reports/figures/<name>.png``, or the path of one the stage saved already.
+    ``metrics``: written (:func:`json_safe`) as ``reports/metrics/<stage>.json``. Then one wandb
+    run (:func:`log_to_wandb`) with the tables that have rows, the figures and ``summary``, none
+    when there is nothing to log; ``note`` goes into the log line with the seconds since ``start``.
+    Returns {"tables": name -> CSV path, "figures": name -> PNG path, "metrics": as written,
+    "seconds": since ``start`` (None without it)}."""
+    frames, csv_paths, figure_paths = {}, {}, {}
+    for name, table in (tables or {}).items():
+        df, markdown = table if isinstance(table, tuple) else (table, None)
+        (csv_paths[name], *_) = write_table(df, tables_dir(cfg) / f"{name}.csv", markdown=markdown is None)
+        if markdown is not None:
+            write_text(csv_paths[name].with_suffix(".md"), markdown)
+        if len(df):
+            frames[name] = df
+    for name, figure in (figures or {}).items():
+        figure_paths[name] = (Path(figure) if isinstance(figure, (str, Path))
+                              else save_figure(figure, figures_dir(cfg) / f"{name}.png"))
+    if metrics is not None:
+        metrics = json_safe(metrics)
+        write_json(metrics_path(cfg, stage), metrics)
+    if frames or figure_paths or summary:
+        log_to_wandb(cfg, stage, tables=frames, figures=figure_paths, summary=summary)
+    seconds = None if start is None else time.perf_counter() - start
+    log.info("%s%s: %d table(s), %d figure(s)%s%s", stage, f" ({note})" if note else "", len(csv_paths),
+             len(figure_paths), "" if metrics is None else f", metrics {metrics_path(cfg, stage)}",
+             "" if seconds is None else f" in {seconds:.1f} s")
+    return {"tables": csv_paths, "figures": figure_paths, "metrics": metrics, "seconds": seconds}
