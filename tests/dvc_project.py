@@ -33,6 +33,8 @@ models:
   mlb: {optim: {max_epochs: 2, batch_size: 32}}
 evaluation:
   pos_histogram: {tagger: textblob}
+# one training-seed replicate, so that DVC's matrix stages run too
+replicates: {seeds: [1]}
 """
 
 

@@ -21,8 +21,10 @@ from pipeline.data.download import sha256_file
 from tests.conftest import TINY_PIPELINE
 from tests.dvc_project import dvc, git, make_project, tiny_real_preset
 
-TRAIN = {"train@lstm_cnn", "train@mlb"}
-ATTRIBUTE = {"attribute@lstm_cnn", "attribute@mlb"}
+# the main run's stages and those of the tiny project's one training-seed replicate
+TRAIN = {"train@lstm_cnn", "train@mlb", "train_replicate@lstm_cnn-1", "train_replicate@mlb-1"}
+ATTRIBUTE = {"attribute@lstm_cnn", "attribute@mlb", "attribute_replicate@lstm_cnn-1",
+             "attribute_replicate@mlb-1"}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ SET_PARAMS = {
     "data.answer_top_k=50": {"prepare"},
     "backbone.pretrain.epochs=2": {"pretrain_backbone", "extract_features", *TRAIN},
     "extract.batch_size=16": {"extract_features"},
-    "models.mlb.optim.lr=0.001": {"train@mlb"},
+    "models.mlb.optim.lr=0.001": {"train@mlb", "train_replicate@mlb-1"},
     "trainer.log_every_n_steps=5": {*TRAIN, *ATTRIBUTE},
     "logger.project=elsewhere": TRAIN,
     "train.resume=false": TRAIN,

@@ -48,7 +48,7 @@ def path_overrides(root, weights, size: int, train_images: int, val_images: int,
         f"attribution.limit={questions}", "attribution.options.occlusion.grid=2",
         "attribution.options.integrated_gradients.image_steps=1",
         "attribution.options.integrated_gradients.question_steps=4",
-        "evaluation.bootstrap.samples=50", f"paths.root={root}",
+        "evaluation.bootstrap.samples=50", f"paths.root={root}", "replicates.seeds=[]",
     ]
 
 
