@@ -35,7 +35,6 @@ Writes ``reports/tables/failure_prediction.{csv,md}``, ``reports/figures/failure
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -49,7 +48,7 @@ from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.failure import balanced_accuracy, out_of_fold_scores, roc_auc, roc_auc_ci
 from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
-from pipeline.viz.plots import pyplot
+from pipeline.viz.figures import failure_figure
 
 log = logging.getLogger(__name__)
 
@@ -140,46 +139,6 @@ def evaluate(features: np.ndarray, wrong: np.ndarray, folds: int, l2: float, boo
     return out
 
 
-def flip_bins(edges: list[int]) -> list[tuple[int, float, str]]:
-    """(low, high exclusive, label) of the bins [edges[k], edges[k+1]) and [edges[-1], inf)."""
-    edges = sorted(int(e) for e in edges)
-    bins = []
-    for low, high in zip(edges, [*edges[1:], math.inf]):
-        label = str(low) if high == low + 1 else (f"{low}+" if high == math.inf else f"{low}-{high - 1}")
-        bins.append((low, high, label))
-    return bins
-
-
-def plot(frames: dict[str, pd.DataFrame], edges: list[int]):
-    """Share of correct answers per bin of the total flip count, one bar per model per bin,
-    with the number of questions of each bar written above it."""
-    bins = flip_bins(edges)
-    width = 0.8 / max(1, len(frames))
-    fig, ax = pyplot().subplots(figsize=(1.2 * len(bins) + 2, 3.8))
-    for k, (model, frame) in enumerate(frames.items()):
-        labelled = frame[frame["usable"] & frame["correct"].notna()]
-        flips = labelled["total_flips"].to_numpy()
-        correct = labelled["correct"].astype(bool).to_numpy()
-        shares, counts = [], []
-        for low, high, _ in bins:
-            inside = (flips >= low) & (flips < high)
-            counts.append(int(inside.sum()))
-            shares.append(float(correct[inside].mean()) if inside.any() else float("nan"))
-        x = np.arange(len(bins)) - 0.4 + width * (k + 0.5)
-        bars = ax.bar(x, np.nan_to_num(shares), width=width, label=model)
-        for bar, count in zip(bars, counts):
-            ax.annotate(f"n={count}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(bins)), [label for *_, label in bins])
-    ax.set_xlabel("answer flips under occlusion (image patches + dropped words)")
-    ax.set_ylabel("share of answers correct")
-    ax.set_ylim(0, 1.1)
-    ax.legend(fontsize=8)
-    ax.set_title("Accuracy vs number of occlusion flips (Goyal et al. 4.2)")
-    fig.tight_layout()
-    return fig
-
-
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluation
@@ -220,7 +179,7 @@ def run(cfg: DictConfig) -> dict:
     table = pd.DataFrame(rows)[COLUMNS]
 
     published = publish(cfg, STAGE, tables={STAGE: table}, metrics=metrics, start=start,
-                        figures={STAGE: plot(frames, list(settings.flip_bins))}, note=f"{len(models)} model(s)",
+                        figures={STAGE: failure_figure(frames, list(settings.flip_bins))}, note=f"{len(models)} model(s)",
                         summary={f"{r.model}/{r.features}/{k}": json_safe(getattr(r, k))
                                  for r in table.itertuples(index=False)
                                  for k in ("cv_accuracy", "majority_accuracy", "balanced_accuracy", "roc_auc")})

@@ -55,21 +55,16 @@ from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import gating, inputs
+from pipeline.evaluation.gating import CHANGE_MEASURE, METHOD, SWEEP_MEASURES
 from pipeline.evaluation.outputs import bootstrap_settings, figures_dir, json_safe, not_measured_figure, publish
 from pipeline.evaluation.stats import spearman_rows, summarise
 from pipeline.models import load_trained_model
 from pipeline.models.checkpoint import trained_model_path
-from pipeline.viz.plots import pyplot
+from pipeline.viz.figures import gating_sweep_figure
 
 log = logging.getLogger(__name__)
 
 STAGE = "gating_study"
-METHOD = "gated_gradcam"
-SWEEP_MEASURES = ("own_mask", "other_mask", "own_minus_other", "pair_difference")
-# 1 - Spearman between a question's gated map at gate size n and at the next smaller size of the
-# sweep: how much letting more neurons through moves the map (Ummettuguli section 3.3 describes
-# the map changing "drastically" between n = 200 and 300 on one example).
-CHANGE_MEASURE = "change_from_previous"
 TOP_COLUMNS = ["model", "case", "group", "question_id", "image_id", "question", "rank", "neuron", "score"]
 OVERLAP_COLUMNS = ["model", "case", "group", "questions", "n", "mean", "ci_low", "ci_high"]
 CORRELATION_COLUMNS = ["model", "case", "measure", "n", "mean", "ci_low", "ci_high", "undefined"]
@@ -255,34 +250,6 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
     return out, headline
 
 
-def sweep_figure(table: pd.DataFrame):
-    """x = gate size n (log), y = each measure with its interval band; Grad-CAM dashed."""
-    models = list(dict.fromkeys(table["model"]))
-    fig, axes = pyplot().subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
-    colours = dict(zip(SWEEP_MEASURES, ("tab:green", "tab:red", "tab:purple", "tab:blue")))
-    for ax, model in zip(axes[0], models):
-        t = table[table["model"] == model]
-        for measure in SWEEP_MEASURES:
-            gated = t[(t["method"] == METHOD) & (t["measure"] == measure)].sort_values("top_n")
-            ax.plot(gated["top_n"], gated["mean"], "o-", color=colours[measure], label=measure, ms=4)
-            ax.fill_between(gated["top_n"], gated["ci_low"], gated["ci_high"], color=colours[measure], alpha=0.2)
-            ref = t[(t["method"] == "gradcam") & (t["measure"] == measure)]
-            if len(ref):
-                ax.axhline(float(ref["mean"].iloc[0]), color=colours[measure], ls="--", lw=1)
-        change = t[(t["method"] == METHOD) & (t["measure"] == CHANGE_MEASURE)].sort_values("top_n")
-        if len(change):
-            ax.plot(change["top_n"], change["mean"], "s:", color="0.3", ms=3,
-                    label=f"{CHANGE_MEASURE} (1 - rho with the previous n)")
-        ax.set_xscale("log")
-        ax.axhline(0, color="0.6", lw=0.5)
-        ax.set_xlabel("gate size n (top-n fusion neurons; rightmost = full width)")
-        ax.set_ylabel("Spearman-based measure")
-        ax.set_title(f"{model}: question-gated Grad-CAM (dashed: Grad-CAM)")
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return fig
-
-
 # --------------------------------------------------------------------------------------------
 
 
@@ -323,7 +290,7 @@ def run(cfg: DictConfig) -> dict:
     figures = {}
     if sweep_rows:
         tables["gating_sweep"] = pd.DataFrame(sweep_rows, columns=SWEEP_COLUMNS)
-        figures["gating_sweep"] = sweep_figure(tables["gating_sweep"])
+        figures["gating_sweep"] = gating_sweep_figure(tables["gating_sweep"])
     else:
         # The sweep's outputs say why it is missing (dvc.yaml declares them; no table from an
         # earlier run on the synthetic world may stay behind).

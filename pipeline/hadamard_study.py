@@ -35,141 +35,23 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.attribution.base import upsample_maps
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import bootstrap_settings, figures_dir, json_safe, publish, save_figure
-from pipeline.evaluation.pos import Tagger, is_noun, make_tagger, top_words
-from pipeline.evaluation.stats import spearman_rows, summarise
-from pipeline.viz.overlay import display_image, overlay, token_colours
-from pipeline.viz.plots import pyplot
+from pipeline.evaluation.hadamard import pick_questions, study_rows, upsample_glimpses
+from pipeline.evaluation.pos import Tagger, make_tagger
+from pipeline.viz.figures import hadamard_figure
+from pipeline.viz.overlay import display_image
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "measure", "reference", "n", "mean", "ci_low", "ci_high", "undefined", "chance",
            "tagger"]
-
-
-def upsample_glimpses(raw: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """N x G x h x w attention grids -> N x G x H x W, interpolated as the attribute stage
-    upsamples its maps (``attribution.upsample``: the same function)."""
-    x = torch.as_tensor(np.asarray(raw, dtype=np.float32))
-    n, g = x.shape[:2]
-    return upsample_maps(x.reshape(n * g, *x.shape[2:]), size, mode).reshape(n, g, *size).numpy()
-
-
-def spearman_with(hadamard: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """rho of |hadamard[i]| with |references[i]| over the r x r cells (N x r x r each); NaN
-    where either map is constant."""
-    n = len(hadamard)
-    return spearman_rows(np.abs(hadamard).reshape(n, -1), np.abs(references).reshape(n, -1))
-
-
-def spearman_with_annotators(hadamard: np.ndarray, rows: list[int], humans: list[np.ndarray]) -> np.ndarray:
-    """Per listed question: the mean of rho over its annotators' maps (NaN if every one is
-    undefined)."""
-    out = np.full(len(rows), np.nan)
-    for k, (row, maps) in enumerate(zip(rows, humans)):
-        rho = spearman_rows(np.abs(hadamard[row]).reshape(1, -1), np.abs(maps).reshape(len(maps), -1))
-        if np.isfinite(rho).any():
-            out[k] = float(np.nanmean(rho))
-    return out
-
-
-def noun_shares(questions: list[dict], z_scores: np.ndarray, rows: list[int],
-                tagger: Tagger) -> dict[str, np.ndarray]:
-    """Per question: 1/0 whether the top token is a noun and the noun share among the top two
-    (questions of two or more tokens); and the share of nouns among all their tokens (chance)."""
-    top1, top2 = [], []
-    tokens_all = nouns_all = 0
-    for row in rows:
-        length = min(len(questions[row]["tokens"]), z_scores.shape[1])
-        if length < 1:
-            continue
-        tags = tagger.tag(questions[row]["tokens"][:length])
-        nouns = [is_noun(t) for t in tags]
-        best = top_words(z_scores[row], length, 2)
-        top1.append(float(nouns[best[0]]))
-        if length >= 2:
-            top2.append(sum(nouns[i] for i in best) / 2)
-        tokens_all += length
-        nouns_all += sum(nouns)
-    return {"top1": np.asarray(top1), "top2": np.asarray(top2),
-            "chance": nouns_all / tokens_all if tokens_all else float("nan")}
-
-
-def pick_questions(questions: list[dict], usable: np.ndarray, count: int) -> list[int]:
-    """Rows for the figures: the first correct questions (by question id) of each answer type
-    in turn (answer types alphabetically), one question per image while unseen images remain;
-    then the remaining correct questions, then incorrect ones, in the same order."""
-    rows: list[int] = []
-    seen_images: set = set()
-    for wanted, new_images_only in ((True, True), (True, False), (False, True), (False, False)):
-        by_type: dict[str, list[int]] = {}
-        for row, q in enumerate(questions):
-            if usable[row] and bool(q.get("correct")) is wanted and row not in rows:
-                by_type.setdefault(str(q["answer_type"]), []).append(row)
-        queues = [by_type[t] for t in sorted(by_type)]
-        while queues and len(rows) < count:
-            for queue in queues:
-                while queue and new_images_only and questions[queue[0]]["image_id"] in seen_images:
-                    queue.pop(0)
-                if queue and len(rows) < count:
-                    row = queue.pop(0)
-                    rows.append(row)
-                    seen_images.add(questions[row]["image_id"])
-            queues = [q for q in queues if q]
-    return rows
-
-
-def draw_question(ax, tokens: list[str], scores: np.ndarray) -> None:
-    """The question under a row, each token on a background coloured by its z-score."""
-    ax.axis("off")
-    colours = token_colours(scores)
-    anchor = ax.text(0.0, 0.5, "", transform=ax.transAxes, va="center", fontsize=10)
-    for token, colour in zip(tokens, colours):
-        # Each token is placed right after the previous one (annotate relative to its extent);
-        # white letters on dark backgrounds keep strongly scored words readable.
-        red, green, blue = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
-        ink = "white" if 0.299 * red + 0.587 * green + 0.114 * blue < 128 else "black"
-        anchor = ax.annotate(token, xy=(1, 0), xycoords=anchor, xytext=(4, 0),
-                             textcoords="offset points", va="bottom", fontsize=10, color=ink,
-                             bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.5})
-    scale = float(np.max(np.abs(scores))) if len(scores) else 0.0
-    ax.annotate(f"  (token z-scores, full colour = {scale:.2f})", xy=(1, 0), xycoords=anchor,
-                xytext=(6, 0), textcoords="offset points", va="bottom", fontsize=8, color="0.4")
-
-
-def draw_figure(rows: list[int], questions: list[dict], images: list[np.ndarray], glimpses: np.ndarray,
-                hadamard_maps: np.ndarray, z_scores: np.ndarray, title: str):
-    height = 3.2 * len(rows)
-    fig = pyplot().figure(figsize=(10, height))
-    grid = fig.add_gridspec(2 * len(rows), 4, height_ratios=[5, 1] * len(rows), hspace=0.3, wspace=0.05,
-                            top=1 - 0.6 / height, bottom=0.2 / height)
-    for k, (row, image) in enumerate(zip(rows, images)):
-        q = questions[row]
-        panels = [("image", image), ("glimpse 1", overlay(image, glimpses[row, 0])),
-                  ("glimpse 2", overlay(image, glimpses[row, 1])),
-                  ("Hadamard", overlay(image, hadamard_maps[row]))]
-        for c, (name, picture) in enumerate(panels):
-            ax = fig.add_subplot(grid[2 * k, c])
-            ax.imshow(picture)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                verdict = {True: "correct", False: "wrong"}.get(q.get("correct"), "unscored")
-                name = f"A: {q['predicted']} ({verdict}, p={q['probability']:.2f})"
-            ax.set_title(name, fontsize=9)
-        length = min(len(q["tokens"]), z_scores.shape[1])
-        draw_question(fig.add_subplot(grid[2 * k + 1, :]), q["tokens"][:length], z_scores[row, :length])
-    fig.suptitle(title, fontsize=11, y=1 - 0.15 / height)
-    return fig
 
 
 def study_model(cfg, model: str, index: dict, tagger: Tagger, boot: dict) -> tuple[list[dict], dict]:
@@ -195,27 +77,15 @@ def study_model(cfg, model: str, index: dict, tagger: Tagger, boot: dict) -> tup
         "glimpse_2": inputs.to_resolution(glimpses[usable, 1], r),
         "mean_attention": inputs.to_resolution(attention["image_map"][usable], r),
     }
-    rhos = {name: spearman_with(hadamard_r, ref) for name, ref in references.items()}
     usable_qids = [qids[i] for i in usable]
     truth = inputs.ground_truth_maps(cfg, str(e.split), usable_qids, r)
     if truth:
-        rhos["ground_truth"] = spearman_with(hadamard_r, np.stack([truth[q] for q in usable_qids]))
+        references["ground_truth"] = np.stack([truth[q] for q in usable_qids])
     humans = inputs.human_maps(cfg, str(e.split), usable_qids, r)
     human_rows = [k for k, q in enumerate(usable_qids) if q in humans]
-    rhos["human"] = spearman_with_annotators(hadamard_r, human_rows,
-                                             [humans[usable_qids[k]] for k in human_rows])
-
-    rows = []
-    for reference, values in rhos.items():
-        s = summarise(values, **boot)
-        rows.append({"model": model, "measure": "spearman_hadamard", "reference": reference, **s,
-                     "undefined": int(np.isnan(values).sum()), "chance": float("nan"), "tagger": ""})
     z_scores = np.asarray(hadamard["question_map"], dtype=np.float64)
-    shares = noun_shares(questions, z_scores, list(usable), tagger)
-    for measure, key in (("noun_share_top1", "top1"), ("noun_share_top2", "top2")):
-        s = summarise(shares[key], **boot)
-        rows.append({"model": model, "measure": measure, "reference": "all_tokens", **s,
-                     "undefined": 0, "chance": shares["chance"], "tagger": tagger.name})
+    rows = study_rows(model, hadamard_r, references, human_rows, [humans[usable_qids[k]] for k in human_rows],
+                      questions, z_scores, list(usable), tagger, boot)
     return rows, {"questions": questions, "valid": valid, "glimpses": glimpses,
                   "hadamard": hadamard["image_map"], "z_scores": z_scores, "image_size": image_size}
 
@@ -247,7 +117,7 @@ def write_figures(cfg, model: str, study: dict) -> list:
                                 f"question table: rerun `python -m pipeline.prepare`",
                                 abspath(cfg.paths.processed_dir))
             images.append(display_image(data_root, image_paths[qid], study["image_size"][0]))
-        fig = draw_figure(chunk, study["questions"], images, study["glimpses"], study["hadamard"],
+        fig = hadamard_figure(chunk, study["questions"], images, study["glimpses"], study["hadamard"],
                           study["z_scores"], f"{model}: attention glimpses and the Hadamard map "
                                              f"(Kim et al. Fig. 2-5), figure {k + 1}/{count}")
         paths.append(save_figure(fig, figures_dir(cfg) / f"{figure_prefix(model)}_{k + 1}.png"))

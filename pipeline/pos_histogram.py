@@ -46,7 +46,7 @@ from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
 from pipeline.evaluation.pos import (QUESTION_IMPORTANCE, Tagger, make_tagger, most_important_word, question_importance,
                                      tag_group)
 from pipeline.evaluation.stats import summarise
-from pipeline.viz.plots import pyplot
+from pipeline.viz.figures import pos_histogram_figure
 
 log = logging.getLogger(__name__)
 
@@ -135,32 +135,6 @@ def ground_truth_hits(questions: list[dict], winners: dict[int, int], truth: dic
     return np.asarray(hits), np.asarray(chance)
 
 
-def plot_histogram(table: pd.DataFrame, models: list[str], methods: list[str], tagger_name: str):
-    """Fig. 3: one panel per model, one bar per category and method."""
-    fig, axes = pyplot().subplots(len(models), 1, figsize=(12, 3.6 * len(models)), squeeze=False)
-    width = 0.8 / max(1, len(methods))
-    for ax, model in zip(axes[:, 0], models):
-        part = table[table.model == model]
-        names = list(dict.fromkeys(part.category))  # already in frequency order
-        x = np.arange(len(names))
-        for k, method in enumerate(methods):
-            rows = part[part.method == method].set_index("category")
-            if rows.empty:
-                continue
-            heights = [rows.p_most_important.get(c, np.nan) for c in names]
-            ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=method)
-        ax.set_xticks(x)
-        tags = dict(zip(part.category, part.tags))
-        ax.set_xticklabels([f"{c}\n{tags[c]}" if tags[c] != c else c for c in names], fontsize=8)
-        ax.set_ylabel("P(most important | category)")
-        ax.set_ylim(0, 1.15)  # headroom for the legend above bars that reach 1
-        ax.set_yticks(np.linspace(0, 1, 6))
-        ax.set_title(f"{model}: categories by frequency on the split (tagger: {tagger_name})", fontsize=10)
-        ax.legend(fontsize=8, ncol=len(methods), loc="upper right")
-    fig.tight_layout()
-    return fig
-
-
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     e = cfg.evaluation
@@ -237,7 +211,7 @@ def run(cfg: DictConfig) -> dict:
                  100 * r["share_ground_truth"], r["n"], 100 * r["ci_low"], 100 * r["ci_high"],
                  100 * r["chance"])
     published = publish(cfg, "pos_histogram", tables=tables, metrics=metrics, start=start,
-                        figures={"pos_histogram": plot_histogram(histogram, models, methods, tagger.name)},
+                        figures={"pos_histogram": pos_histogram_figure(histogram, models, methods, tagger.name)},
                         summary={"tagger": tagger.name, **{
                             f"ground_truth_share/{m}/{meth}": json_safe(v["share_ground_truth"])
                             for m, per in metrics["ground_truth_share"].items() for meth, v in per.items()}})

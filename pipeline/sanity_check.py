@@ -43,20 +43,19 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.attribution import explain
-from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.config import stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs, randomisation
+from pipeline.evaluation.randomisation import REFERENCE
 from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
 from pipeline.evaluation.stats import summarise
 from pipeline.models import load_trained_model
 from pipeline.seeding import seed_everything
-from pipeline.viz.plots import pyplot
+from pipeline.viz.figures import sanity_figure
 
 log = logging.getLogger(__name__)
 
 STAGE = "sanity_check"
-REFERENCE = RANDOM  # the map every other method must move further than
 COLUMNS = ["model", "method", "modality", "step", "layers_randomised", "n", "mean", "ci_low",
            "ci_high", "undefined", "flagged"]
 
@@ -171,43 +170,6 @@ def cascade(cfg, model_name: str, s, boot: dict) -> tuple[list[dict], dict]:
     for f in flagged:
         log.warning("%s: %s maps still correlate above %.2f after randomisation", model_name, f, threshold)
     return table.to_dict("records"), metrics
-
-
-def sanity_figure(table: pd.DataFrame, metrics: dict, threshold: float):
-    """Adebayo et al. Fig. 2: rank correlation with the trained model's maps as the layers are
-    randomised from the top down; one panel per model and modality."""
-    plt = pyplot()
-
-    models = list(dict.fromkeys(table["model"]))
-    modalities = ["image", "question"]
-    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
-    methods = list(dict.fromkeys(table["method"]))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for row, model in enumerate(models):
-        m = metrics["models"][model]
-        labels = ["none", *m["cascade"]]
-        for col, modality in enumerate(modalities):
-            ax = axes[row][col]
-            t = table[(table["model"] == model) & (table["modality"] == modality)]
-            for method in methods:
-                curve = t[t["method"] == method].sort_values("step")
-                if not len(curve):
-                    continue
-                style = ":" if method == REFERENCE else "-"
-                ax.plot(curve["step"], curve["mean"], style, marker="o", ms=3, color=colours[method],
-                        label=method + (" (flagged)" if curve["flagged"].any() else ""))
-                ax.fill_between(curve["step"], curve["ci_low"], curve["ci_high"], color=colours[method], alpha=0.15)
-            ax.axhline(threshold, color="0.4", ls="--", lw=0.8)
-            ax.axvline(m["head_steps"], color="0.6", ls=":", lw=0.8)
-            ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels([label.split(".", 1)[-1] for label in labels], rotation=60, ha="right", fontsize=7)
-            ax.set_ylim(-0.5, 1.05)
-            ax.set_ylabel("Spearman rho with trained maps")
-            ax.set_title(f"{model}: {modality} maps, layers randomised cumulatively from the top")
-            if len(t):
-                ax.legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    return fig
 
 
 def run(cfg: DictConfig) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import evidence_slope
 from pipeline.attribution.methods.gradcam import gradcam_map
-from pipeline.evaluation import inputs
+from pipeline.evaluation import inputs, slope
 from pipeline.models import load_trained_model
 from tests.conftest import evaluation_config
 
@@ -30,7 +30,7 @@ def test_linear_head_first_order_is_exact_and_matches_a_loop():
     masks = torch.rand(5, 3, 3) > 0.6
     masks[0] = False          # no ground-truth cell: contrast undefined
     masks[1] = True           # every cell: contrast undefined
-    out = evidence_slope.evidence_slope(head, grid, torch.zeros(5, 2, dtype=torch.long), masks, eps=0.1)
+    out = slope.evidence_slope(head, grid, torch.zeros(5, 2, dtype=torch.long), masks, eps=0.1)
     np.testing.assert_allclose(out["delta"], out["first_order"], rtol=1e-10, atol=1e-12)
     # A linear score is a slope, never a peak: scaling down by eps moves it by exactly -delta.
     np.testing.assert_allclose(out["delta_down"], -out["delta"], rtol=1e-10, atol=1e-12)
@@ -73,10 +73,10 @@ def test_scale_invariant_head_has_a_zero_sum_gradcam_map():
     grid = torch.rand(6, 5, 4, 4, dtype=torch.float64)
     masks = torch.rand(6, 4, 4) > 0.5
     tokens = torch.zeros(6, 2, dtype=torch.long)
-    normalised = evidence_slope.evidence_slope(NormalisedHead(5, 3), grid, tokens, masks, eps=0.1)
+    normalised = slope.evidence_slope(NormalisedHead(5, 3), grid, tokens, masks, eps=0.1)
     np.testing.assert_allclose(normalised["signed_sum"], 0.0, atol=1e-12)
     np.testing.assert_allclose(normalised["relu_kept"], 0.5, atol=1e-12)
-    linear = evidence_slope.evidence_slope(LinearHead(5, 3), grid, tokens, masks, eps=0.1)
+    linear = slope.evidence_slope(LinearHead(5, 3), grid, tokens, masks, eps=0.1)
     # W_c . mean(A) > 0 for the argmax class of a random W here, so the control's sum is not zero
     assert (np.abs(linear["signed_sum"]) > 1e-3).all()
     assert not np.allclose(linear["relu_kept"], 0.5)
@@ -91,7 +91,7 @@ def test_trained_model_batch_equals_one_question_at_a_time(explained_world):
     truth = inputs.ground_truth_maps(cfg, "val", [r["question_id"] for r in records], grid.shape[-1])
     masks = torch.from_numpy(np.stack([truth[r["question_id"]] >= 0.25 for r in records]))
     assert masks.any()
-    batched = evidence_slope.evidence_slope(model.head, grid, tokens, masks, eps=0.1)
+    batched = slope.evidence_slope(model.head, grid, tokens, masks, eps=0.1)
     for i in range(len(records)):
         with torch.no_grad():
             logits = model.head(grid[i:i + 1], tokens[i:i + 1])[0]
@@ -133,7 +133,7 @@ def test_lstm_cnn_gradcam_sums_to_zero_on_the_pooled_feature_only():
             grid = model.backbone(images)
         tokens = model.encode_questions(["how many squares"] * 6)
         masks = torch.rand(6, *grid.shape[-2:]) > 0.5
-        sums[kind] = evidence_slope.evidence_slope(model.head, grid, tokens, masks, eps=0.1)["signed_sum"]
+        sums[kind] = slope.evidence_slope(model.head, grid, tokens, masks, eps=0.1)["signed_sum"]
     np.testing.assert_allclose(sums["pooled"], 0.0, atol=1e-5)
     assert (np.abs(sums["fc7"]) > 1e-4).all(), sums["fc7"]
 
@@ -146,7 +146,7 @@ def test_trained_models_gradcam_sums_are_not_zero(explained_world):
         with torch.no_grad():
             grid = model.backbone(images)
         masks = torch.zeros(len(records), *grid.shape[-2:], dtype=torch.bool)
-        signed = evidence_slope.evidence_slope(model.head, grid, tokens, masks, eps=0.1)["signed_sum"]
+        signed = slope.evidence_slope(model.head, grid, tokens, masks, eps=0.1)["signed_sum"]
         assert np.isfinite(signed).any(), name
         assert (np.abs(signed[np.isfinite(signed)]) > 1e-4).any(), name
 
@@ -204,7 +204,7 @@ def test_summary_counts_peaks_and_probability_falls_by_hand():
         "relu_kept": [0.5, 0.7, np.nan, 0.2, 1.0],     # question 3's map is zero everywhere
         "signed_sum": [1e-6, 0.4, np.nan, -0.6, 1.0],
     })
-    rows = {r["answer_type"]: r for r in evidence_slope.summarise_model(
+    rows = {r["answer_type"]: r for r in slope.summarise_model(
         "m", per_question, {"samples": 50, "confidence": 0.95, "seed": 0}, zero_sum_tolerance=1e-4)}
     number = rows["number"]
     assert (number["n"], number["no_truth"]) == (3, 1)

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from pipeline import hadamard_study
-from pipeline.evaluation import inputs, pos
+from pipeline.evaluation import hadamard, inputs, pos
 from tests.conftest import evaluation_config
 
 # The columns of hadamard.csv the report and readers use, written out (not the module's own
@@ -22,11 +22,11 @@ def test_upsampled_glimpses_keep_their_shape_and_mass_location():
     raw = np.zeros((2, 2, 4, 4), np.float32)
     raw[0, 0, 0, 0] = 1.0
     raw[1, 1, 3, 3] = 1.0
-    up = hadamard_study.upsample_glimpses(raw, (16, 16), "bilinear")
+    up = hadamard.upsample_glimpses(raw, (16, 16), "bilinear")
     assert up.shape == (2, 2, 16, 16)
     assert up[0, 0, 0, 0] == up[0, 0].max() == 1.0 and up[0, 0, 8:, 8:].max() == 0.0
     assert up[1, 1, 15, 15] == up[1, 1].max() == 1.0 and up[1, 1, :8, :8].max() == 0.0
-    nearest = hadamard_study.upsample_glimpses(raw, (8, 8), "nearest")
+    nearest = hadamard.upsample_glimpses(raw, (8, 8), "nearest")
     assert nearest[0, 0, :2, :2].min() == 1.0 and nearest[0, 0].sum() == 4.0
 
 
@@ -37,12 +37,12 @@ def test_pick_questions_is_deterministic_and_cycles_answer_types():
                                              ("other", True), ("yes/no", False)])]
     usable = np.ones(len(questions), bool)
     usable[3] = False
-    rows = hadamard_study.pick_questions(questions, usable, 6)
+    rows = hadamard.pick_questions(questions, usable, 6)
     # correct ones first, answer types in turn (number, other, yes/no), one per image while
     # new images remain; then the rest of the correct ones; then the incorrect ones.
     assert rows == [1, 6, 4, 5, 0, 2]
-    assert hadamard_study.pick_questions(questions, usable, 6) == rows
-    assert len(hadamard_study.pick_questions(questions, usable, 50)) == usable.sum()
+    assert hadamard.pick_questions(questions, usable, 6) == rows
+    assert len(hadamard.pick_questions(questions, usable, 50)) == usable.sum()
 
 
 def _stage(explained_world, tmp_path, *overrides):

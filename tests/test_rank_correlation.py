@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from pipeline import rank_correlation
 from pipeline.config import abspath
 from pipeline.data.errors import DataError
-from pipeline.evaluation import inputs, outputs
+from pipeline.evaluation import agreement, inputs, outputs
 from tests.conftest import evaluation_config
 
 MODELS = ("lstm_cnn", "mlb")
@@ -64,7 +64,7 @@ def test_per_question_spearman_matches_scipy_in_a_loop(explained_world, tmp_path
         qids = [q["question_id"] for q in index["questions"]]
         maps, valid = rank_correlation.load_image_maps(cfg, model, method)
         small = inputs.to_resolution(np.abs(maps), 16)
-        rho, counts = rank_correlation.score_maps(small, valid, qids, inputs.human_maps(cfg, "val", qids, 16))
+        rho, counts = agreement.score_maps(small, valid, qids, inputs.human_maps(cfg, "val", qids, 16))
         expected = loop_question_rho(cfg, model, method)
         assert len(expected) > 10
         assert set(np.asarray(qids)[np.isfinite(rho)].tolist()) == set(expected)
@@ -181,7 +181,7 @@ def test_injected_maps_missing_and_odd_sized_human_maps(explained_world, tmp_pat
     humans = inputs.human_maps(cfg, "val", qids, 16)
     assert humans[odd].shape == (1, 16, 16)
     assert np.allclose(humans[odd][0], inputs.to_resolution(odd_map / 255.0, 16), atol=1e-6)
-    rho, counts = rank_correlation.score_maps(inputs.to_resolution(np.abs(maps), 16), valid, qids, humans)
+    rho, counts = agreement.score_maps(inputs.to_resolution(np.abs(maps), 16), valid, qids, humans)
     assert rho[0] == pytest.approx(1.0, abs=1e-12)
     assert np.isnan(rho[1]) and np.isnan(rho[2])
     assert np.isfinite(rho[3])
@@ -207,7 +207,7 @@ def test_exact_copy_of_a_single_annotator_map_has_rho_one():
     human = rng.random((4, 1, 16, 16))
     maps = human[:, 0].copy()
     maps[3] = 1.0
-    rho, counts = rank_correlation.score_maps(maps, np.ones(4, bool), [1, 2, 3, 4],
+    rho, counts = agreement.score_maps(maps, np.ones(4, bool), [1, 2, 3, 4],
                                               {q: human[i] for i, q in enumerate([1, 2, 3, 4])})
     assert rho[:3] == pytest.approx(1.0)
     assert np.isnan(rho[3]) and counts["constant"] == 1
@@ -401,7 +401,7 @@ def test_all_questions_mean_scores_undefined_rho_as_zero():
     references = {q: rng.random((2, 4, 4)) for q in range(6)}
     references[4] = np.ones((1, 4, 4))  # constant reference
     del references[5]                   # no reference: not a question of either mean
-    rho, counts = rank_correlation.score_maps(maps, np.ones(6, bool), list(range(6)), references)
+    rho, counts = agreement.score_maps(maps, np.ones(6, bool), list(range(6)), references)
     row = pd.DataFrame([{"n": int(np.isfinite(rho).sum()), "mean": float(np.nanmean(rho)), **counts}])
     by_loop = []
     for q in range(5):                  # every question with a map and a reference
@@ -410,9 +410,9 @@ def test_all_questions_mean_scores_undefined_rho_as_zero():
         by_loop.append(0.0 if np.isnan(value) else value)
     assert counts["constant"] == 1 and counts["constant_reference"] == 1
     expected = float(np.mean(by_loop))
-    assert rank_correlation.all_questions_mean(row).iloc[0] == pytest.approx(expected, abs=1e-12)
+    assert agreement.all_questions_mean(row).iloc[0] == pytest.approx(expected, abs=1e-12)
     assert row["mean"].iloc[0] != pytest.approx(expected)   # the two means differ here
     empty = pd.DataFrame([{"n": 0, "mean": np.nan, "constant": 0, "constant_reference": 0},
                           {"n": 0, "mean": np.nan, "constant": 2, "constant_reference": 0}])
-    assert np.isnan(rank_correlation.all_questions_mean(empty).iloc[0])
-    assert rank_correlation.all_questions_mean(empty).iloc[1] == 0.0
+    assert np.isnan(agreement.all_questions_mean(empty).iloc[0])
+    assert agreement.all_questions_mean(empty).iloc[1] == 0.0

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import TINY_PIPELINE
 from pipeline import attribute, rank_correlation, report, train
+from pipeline.evaluation.report import header
 from pipeline.config import (REPLICATE_PATHS, ParamsMode, as_replicate, compose, replicate_config,
                              training_seeds, write_params)
 from pipeline.data.errors import DataError
@@ -169,7 +170,7 @@ def test_rank_correlation_reports_the_spread_across_training_seeds(replicated_wo
 def test_the_report_shows_accuracy_across_seeds(replicated_world):
     out, overrides = replicated_world
     cfg = compose(overrides)
-    table = report.accuracy_across_seeds(cfg, ["mlb"])
+    table = header.accuracy_across_seeds(cfg, ["mlb"])
     stores = [out / "attributions" / "mlb", out / "attributions" / "replicates" / "seed1" / "mlb"]
     accuracies = [float(np.mean([q["accuracy"] for q in yaml.safe_load((s / "index.json").read_text())["questions"]]))
                   for s in stores]

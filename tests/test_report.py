@@ -14,6 +14,7 @@ from pipeline import report
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import write_table
+from pipeline.evaluation.report import published_lookup, sections
 from pipeline.evaluation.published import PUBLISHED, OurValue, PublishedValue
 from pipeline.viz.gallery import correctness, render_entry_images, sample_questions
 from tests.conftest import evaluation_config
@@ -134,7 +135,7 @@ def test_readme_has_every_table_figure_and_published_citation(reported, explaine
     assert sorted(Path(l).stem for l in links) == sorted(FIGURES)
     assert all((reports / l).is_file() for l in links)
     # Sections in the order of docs/evaluation.md: the four papers, then the checks.
-    order = [readme.index(s.title) for s in report.SECTIONS]
+    order = [readme.index(s.title) for s in sections.SECTIONS]
     assert order == sorted(order)
     # Every published entry with its citation, the number as the paper prints it, and the data
     # and model it was computed on. Goyal et al.'s Table 1 and the 72% are there by value.
@@ -145,7 +146,7 @@ def test_readme_has_every_table_figure_and_published_citation(reported, explaine
         assert f"| {p.shown} |" in row and p.data in row and p.model in row, row
     for printed in ("0.00007", "0.07164", "0.12277", "0.62289", "-0.08836", "72%"):
         assert f"| {printed} |" in readme, printed
-    assert readme.count(report.NOT_VERIFIED) == 0
+    assert readme.count(published_lookup.NOT_VERIFIED) == 0
     # Our counterparts located in the tables: lstm_cnn occlusion vs human = 0.2, failure 0.6875.
     assert "| rank correlation with human attention: occlusion | 0.200 (lstm_cnn, occlusion vs human)" in readme
     assert "0.688 (lstm_cnn, flip count alone)" in readme
@@ -177,10 +178,10 @@ def test_methods_not_beating_random_use_the_ground_truth_rows(reported):
 def test_no_failure_breakdown_when_every_method_beats_random(tmp_path):
     by_type = fake_tables()["rank_correlation_by_answer_type"]
     source = tmp_path / "my_tables" / "rank_correlation_by_answer_type.csv"
-    assert report.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": [], "mlb": []}, source) == ""
-    assert report.failures_by_answer_type(None, "ground_truth", {"mlb": ["attention"]}, source) == ""
+    assert sections.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": [], "mlb": []}, source) == ""
+    assert sections.failures_by_answer_type(None, "ground_truth", {"mlb": ["attention"]}, source) == ""
     with pytest.raises(DataError, match="pipeline.rank_correlation") as error:
-        report.failures_by_answer_type(by_type.drop(columns=["answer_type"]), "ground_truth",
+        sections.failures_by_answer_type(by_type.drop(columns=["answer_type"]), "ground_truth",
                                        {"mlb": ["attention"]}, source)
     assert "my_tables" in str(error.value)  # names the table it read, wherever the tables live
 
@@ -193,10 +194,10 @@ def test_counterfactual_listed_for_every_relu_of_the_signed_map(tmp_path):
     source = tmp_path / "rank_correlation_by_answer_type.csv"
     gated = by_type[by_type["method"] == "gradcam"].assign(method="gated_gradcam")
     by_type = pd.concat([by_type, gated], ignore_index=True)
-    text = report.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": ["gated_gradcam"]}, source)
+    text = sections.failures_by_answer_type(by_type, "ground_truth", {"lstm_cnn": ["gated_gradcam"]}, source)
     assert "| lstm_cnn | gated_gradcam | -0.250" in text
     assert "| lstm_cnn | gradcam_counterfactual | 0.260" in text
-    text = report.failures_by_answer_type(by_type, "ground_truth", {"mlb": ["attention"]}, source)
+    text = sections.failures_by_answer_type(by_type, "ground_truth", {"mlb": ["attention"]}, source)
     assert "| mlb | attention |" in text and "gradcam_counterfactual |" not in text
 
 
@@ -294,7 +295,7 @@ def test_a_verified_published_value_is_shown_next_to_ours(explained_world, tmp_p
     assert ("| occlusion test quantity | 0.210 (mlb, occlusion) | 0.173 | some data | "
             "Someone et al. A paper. 2016; Table 9 (read at a test copy, p. 4) |") in readme
     assert "| absent quantity | not located: no row of rank_correlation matches" in readme
-    assert f"| {report.NOT_VERIFIED} | d |" in readme   # no value: no number shown
+    assert f"| {published_lookup.NOT_VERIFIED} | d |" in readme   # no value: no number shown
 
 
 def test_locate_finds_one_row_and_refuses_ambiguity():
@@ -302,12 +303,12 @@ def test_locate_finds_one_row_and_refuses_ambiguity():
                           "accuracy": [0.5, 0.6, 0.7]})
     p = PublishedValue("k", "s", "q", "P", "T", "D",
                        OurValue("t", {"model": "a", ("features", "feature_set"): "flips"}, ("cv_accuracy", "accuracy")))
-    assert report.locate(p, {"t": frame}) == (0.5, "")
+    assert published_lookup.locate(p, {"t": frame}) == (0.5, "")
     loose = PublishedValue("k", "s", "q", "P", "T", "D", OurValue("t", {"feature_set": "flips"}, ("accuracy",)))
-    value, why = report.locate(loose, {"t": frame})
+    value, why = published_lookup.locate(loose, {"t": frame})
     assert value is None and "2 different rows" in why
     nocol = PublishedValue("k", "s", "q", "P", "T", "D", OurValue("t", {"missing": 1}))
-    assert "no column missing" in report.locate(nocol, {"t": frame})[1]
+    assert "no column missing" in published_lookup.locate(nocol, {"t": frame})[1]
 
 
 def test_overlay_of_a_left_half_map_is_hot_on_the_left(tmp_path):
@@ -370,7 +371,7 @@ def test_largest_map_change_names_the_pair_of_gate_sizes():
             rows.append({"model": model, "method": "gated_gradcam", "top_n": n,
                          "measure": "change_from_previous", "mean": means[n],
                          "ci_low": means[n] - 0.01, "ci_high": means[n] + 0.01})
-    text = report.largest_map_change(pd.DataFrame(rows))
+    text = sections.largest_map_change(pd.DataFrame(rows))
     assert "lstm_cnn between n = 10 and n = 25 (1 - rho = 0.500 [0.490, 0.510])" in text
     assert "mlb between n = 1 and n = 5 (1 - rho = 0.300" in text
-    assert report.largest_map_change(pd.DataFrame({"model": ["mlb"], "n": [10]})) == ""
+    assert sections.largest_map_change(pd.DataFrame({"model": ["mlb"], "n": [10]})) == ""

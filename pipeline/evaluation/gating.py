@@ -20,6 +20,15 @@ from pipeline.attribution.methods.gradcam import gradcam_map
 from pipeline.attribution.probe import Probe
 from pipeline.evaluation.stats import spearman_rows
 
+# The method the study explains, the measures of its top-n sweep and the change between
+# consecutive gate sizes.
+METHOD = "gated_gradcam"
+SWEEP_MEASURES = ("own_mask", "other_mask", "own_minus_other", "pair_difference")
+# 1 - Spearman between a question's gated map at gate size n and at the next smaller size of the
+# sweep: how much letting more neurons through moves the map (Ummettuguli section 3.3 describes
+# the map changing "drastically" between n = 200 and 300 on one example).
+CHANGE_MEASURE = "change_from_previous"
+
 
 # --------------------------------------------------------------------------------------------
 # Tables 1-6: top neurons, overlaps and score correlations

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.evaluation.stats import spearman_rows
+
+REFERENCE = RANDOM  # the map every other method of the sanity check must move further than
 
 CONTAINERS = (nn.Sequential, nn.ModuleList)
 

@@ -15,9 +15,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
+from pipeline.config import abspath
+from pipeline.data import processed
+from pipeline.data.errors import DataError
+from pipeline.evaluation import inputs
 from pipeline.io import atomic_path
-from pipeline.viz.overlay import overlay, tokens_html
+from pipeline.viz.overlay import display_image, overlay, tokens_html
 
 
 @dataclass
@@ -189,3 +194,47 @@ def gallery_html(entries: list[GalleryEntry], title: str, note: str = "") -> str
             f'<p>Heat maps show |map| normalised per map (red = high). Tokens: red = important, '
             f'blue = negative, white = 0 (hover for the score). Methods without a question map '
             f'say so.</p>\n{filters}\n{body}\n</body>\n</html>\n')
+
+
+# --- the report's gallery: sample, overlays, entries ----------------------------------------
+
+
+def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict[str, int]]:
+    g = cfg.evaluation.report.gallery
+    records = {r["question_id"]: r for r in processed.load_question_table(
+        abspath(cfg.paths.processed_dir), str(cfg.evaluation.split))}
+    data_root = abspath(cfg.data.root)
+    entries, counts = [], {}
+    for model in models:
+        index = inputs.load_store(cfg, model)
+        methods = inputs.methods_that_ran(index)
+        if g.methods is not None:
+            unknown = sorted(set(g.methods) - set(index["methods"]))
+            if unknown:
+                raise DataError(f"evaluation.report.gallery.methods names {unknown}, which the store "
+                                f"of {model} does not have ({list(index['methods'])})",
+                                inputs.attribution_dir(cfg, model))
+            methods = [m for m in methods if m in set(g.methods)]
+        position = {int(q["question_id"]): i for i, q in enumerate(index["questions"])}
+        sample = sample_questions(index["questions"], int(g.questions), int(cfg.evaluation.seed), model)
+        # Only the arrays the gallery draws (image map, validity, question map) of each method.
+        arrays = {m: inputs.read_method(cfg, model, m, (), optional=("image_map", "valid", "question_map"),
+                                        index=index) for m in methods}
+        for a in arrays.values():
+            del a["question_ids"]
+        out_dir = gallery_dir / model
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for row in tqdm(sample, desc=f"gallery {model}", unit="q"):
+            record = records.get(row["question_id"])
+            if record is None:
+                raise DataError(f"question {row['question_id']} of the {model} store is not in the "
+                                "processed question table: rerun the attribute stage on this data",
+                                processed.questions_file(abspath(cfg.paths.processed_dir), str(cfg.evaluation.split)))
+            i = position[int(row["question_id"])]
+            size = next(iter(arrays.values()))["image_map"].shape[-1] if arrays else None
+            image = display_image(data_root, record["image"], size)
+            maps = {m: {k: a[k][i] for k in a} for m, a in arrays.items()}
+            entries.append(render_entry_images(out_dir, f"gallery/{model}", model, row, image, maps,
+                                               alpha=float(g.alpha), cmap=str(g.cmap)))
+        counts[model] = len(sample)
+    return entries, counts
