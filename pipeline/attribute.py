@@ -24,17 +24,18 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline.attribution import explain
-from pipeline.attribution.store import SHARDS, explanation_arrays, merge_shards, write_shard
+from pipeline.attribution import explain, explain_options
+from pipeline.attribution.store import SHARDS, explanation_arrays, in_image_order, merge_shards, write_shard
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.answers import vqa_accuracy
 from pipeline.data.images import ImageTransform
+from pipeline.data.vocab import pad_token_ids
 from pipeline.data.vqa_format import load_image
 from pipeline.io import write_json
 from pipeline.models import load_trained_model
@@ -48,7 +49,7 @@ class ImageGroupedQuestions(Dataset):
 
     def __init__(self, records: list[dict], data_root: Path, transform: ImageTransform, max_length: int):
         self.groups: list[list[dict]] = []
-        for r in sorted(records, key=lambda r: (r["image_id"], r["question_id"])):
+        for r in in_image_order(records):
             if self.groups and self.groups[-1][0]["image_id"] == r["image_id"]:
                 self.groups[-1].append(r)
             else:
@@ -65,10 +66,7 @@ class ImageGroupedQuestions(Dataset):
 
 def collate_questions(groups: list[list[dict]], max_length: int) -> dict:
     items = [item for group in groups for item in group]
-    tokens = torch.zeros(len(items), max_length, dtype=torch.long)
-    for row, item in enumerate(items):
-        ids = item["record"]["token_ids"][:max_length]
-        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    tokens = pad_token_ids([item["record"]["token_ids"] for item in items], max_length)
     return {"images": torch.stack([item["image"] for item in items]), "tokens": tokens,
             "records": [item["record"] for item in items]}
 
@@ -145,12 +143,10 @@ def run(cfg: DictConfig) -> dict:
     a = cfg.attribution
     processed_dir = abspath(cfg.paths.processed_dir)
     model = load_trained_model(cfg, str(cfg.model.name))
-    records = processed.load_question_table(processed_dir, str(a.split))
-    records.sort(key=lambda r: (r["image_id"], r["question_id"]))
+    records = in_image_order(processed.load_question_table(processed_dir, str(a.split)))
     if a.limit:
         records = records[:int(a.limit)]
-    options = OmegaConf.to_container(a.options, resolve=True)
-    options.update(score=None if a.score is None else str(a.score), upsample=str(a.upsample))
+    options = explain_options(a)
 
     out_dir = abspath(cfg.paths.attributions_dir) / str(cfg.model.name)
     t = cfg.trainer

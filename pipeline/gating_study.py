@@ -45,14 +45,16 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from pipeline.attribution import explain_options
 from pipeline.attribution.base import method_score, upsample_maps
 from pipeline.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
+from pipeline.data.vocab import pad_token_ids
 from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import gating, inputs
 from pipeline.evaluation.gating import CHANGE_MEASURE, METHOD, SWEEP_MEASURES
@@ -182,9 +184,7 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
     data_root = abspath(cfg.data.root)
     resolution = int(cfg.evaluation.resolution)
     # The sweep is question-gated Grad-CAM: its score as the attribute stage used it.
-    score_kind = method_score({"score": cfg.attribution.score,
-                               **OmegaConf.to_container(cfg.attribution.options, resolve=True)},
-                              "gated_gradcam")
+    score_kind = method_score(explain_options(cfg.attribution), "gated_gradcam")
     upsample_mode = str(cfg.attribution.upsample)
 
     qids = [q for pair in pairs for q in pair]  # a0, b0, a1, b1, ...
@@ -197,11 +197,7 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
     for start in tqdm(range(0, len(qids), batch), desc=f"gating sweep ({model_name})", unit="batch"):
         chunk = qids[start:start + batch]
         images = torch.stack([transform(load_image(data_root / records[q]["image"])) for q in chunk])
-        length = max(len(records[q]["token_ids"]) for q in chunk)
-        tokens = torch.zeros(len(chunk), max(1, length), dtype=torch.long)
-        for i, q in enumerate(chunk):
-            ids = records[q]["token_ids"]
-            tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        tokens = pad_token_ids([records[q]["token_ids"] for q in chunk])
         chunk_scores = torch.as_tensor(scores[[row_of[q] for q in chunk]], dtype=torch.float32)
         logits, target, gradcam, gated = gating.gated_gradcam_sweep(model, images, tokens, chunk_scores,
                                                                     sizes, score=score_kind)

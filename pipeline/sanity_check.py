@@ -42,7 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.attribution import explain
+from pipeline.attribution import explain, explain_options
 from pipeline.config import stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs, randomisation
@@ -103,11 +103,7 @@ def cascade(cfg, model_name: str, s, boot: dict) -> tuple[list[dict], dict]:
     records, images, tokens = inputs.question_batch(cfg, model, str(cfg.evaluation.split),
                                                      int(s.questions))
     resolution = int(cfg.evaluation.resolution)
-    options = OmegaConf.to_container(cfg.attribution.options, resolve=True)
-    for method, extra in OmegaConf.to_container(s.options, resolve=True).items():
-        options.setdefault(method, {}).update(extra or {})
-    options.update(score=None if cfg.attribution.score is None else str(cfg.attribution.score),
-                   upsample=str(cfg.attribution.upsample))
+    options = explain_options(cfg.attribution, s.options)
     methods = list(dict.fromkeys([*map(str, s.methods), REFERENCE]))
     groups = method_groups(methods, OmegaConf.to_container(s.question_limits, resolve=True) or {}, len(records))
     real_tokens = (tokens != 0).numpy()

@@ -110,3 +110,16 @@ def test_ddp_gives_the_same_arrays_as_one_process(trained_world):
 def test_missing_model_is_a_clear_error(trained_world, tmp_path):
     with pytest.raises(FileNotFoundError, match="pipeline.train"):
         attribute.run(cfg_for(trained_world, "model=mlb", f"paths.models_dir={tmp_path}"))
+
+
+def test_explain_options_merges_stage_overrides_per_method():
+    from omegaconf import OmegaConf
+
+    from pipeline.attribution import explain_options
+    a = OmegaConf.create({"score": None, "upsample": "bilinear",
+                          "options": {"occlusion": {"grid": 8, "stride": 2}, "gradcam": {}}})
+    assert explain_options(a, {"occlusion": {"grid": 4}, "hadamard": None}) == {
+        "occlusion": {"grid": 4, "stride": 2}, "gradcam": {}, "hadamard": {},
+        "score": None, "upsample": "bilinear"}
+    assert explain_options(a)["occlusion"] == {"grid": 8, "stride": 2}
+    assert OmegaConf.to_container(a.options)["occlusion"] == {"grid": 8, "stride": 2}  # untouched

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from pipeline.data.vocab import PAD, UNK, AnswerVocab, QuestionVocab, tokenize
+from pipeline.data.vocab import PAD, UNK, AnswerVocab, QuestionVocab, pad_token_ids, tokenize
 
 
 @pytest.mark.parametrize("question, tokens", [
@@ -64,3 +65,10 @@ def test_vocab_rejects_bad_layout():
         QuestionVocab(["a", "b"])
     with pytest.raises(ValueError):
         AnswerVocab(["yes", "yes"])
+
+
+def test_pad_token_ids_cuts_and_pads_at_the_end():
+    tokens = pad_token_ids([[5, 6, 7], [8], []], width=2)
+    assert tokens.dtype == torch.long and tokens.tolist() == [[5, 6], [8, 0], [0, 0]]
+    assert pad_token_ids([[5, 6, 7], [8]]).tolist() == [[5, 6, 7], [8, 0, 0]]  # the longest
+    assert pad_token_ids([[], []]).tolist() == [[0], [0]]  # at least one column

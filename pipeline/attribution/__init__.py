@@ -21,13 +21,31 @@ import pipeline.attribution.methods  # noqa: F401  (imports and so registers eve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["explain", "available_methods", "Explanation"]
+__all__ = ["explain", "explain_options", "available_methods", "Explanation"]
 
 _skips_logged: set[tuple[str, str]] = set()
 
 
 def available_methods() -> list[str]:
     return sorted(METHODS)
+
+
+def explain_options(attribution, overrides=None) -> dict:
+    """The ``options`` of :func:`explain` that an ``attribution`` config section sets: its
+    per-method ``options``, with ``overrides`` (a stage's own per-method settings, such as
+    ``evaluation.sanity_check.options``) merged over them key by key, and the shared ``score``
+    and ``upsample``. Plain dicts, the config untouched."""
+    from omegaconf import OmegaConf
+
+    def plain(section) -> dict:
+        return OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+
+    options = plain(attribution.options)
+    for method, extra in plain(overrides or {}).items():
+        options.setdefault(method, {}).update(extra or {})
+    options.update(score=None if attribution.score is None else str(attribution.score),
+                   upsample=str(attribution.upsample))
+    return options
 
 
 def explain(model, images: torch.Tensor, question_tokens: torch.Tensor,

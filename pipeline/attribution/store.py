@@ -10,9 +10,12 @@
                                               (N x T), the method's per-question extras
                                               (``extra/<name>``) and ``valid`` (N: all finite)
 
-While the stage runs, each rank writes one shard per batch into ``.shards/`` keyed by question
-id; :func:`merge_shards` sorts them by question id into the files above, so the result does not
-depend on how many processes computed it.
+The stage computes in :func:`in_image_order` (image id, then question id: an image's questions
+stay together, so a batch decodes and occludes each image once). While it runs, each rank writes
+one shard per batch into ``.shards/`` keyed by question id; :func:`merge_shards` sorts them by
+question id alone into the files above. The store's order is deliberately not the computing
+order: ranks interleave images, and sorting by the one key every row has makes the files the same
+however many processes computed them (readers look questions up by id, never by position).
 """
 from __future__ import annotations
 
@@ -100,9 +103,17 @@ def write_shard(shard_dir: Path, name: str, question_ids: np.ndarray, rows: list
     return Path(shard_dir) / f"{name}.npz"
 
 
+def in_image_order(records: list[dict]) -> list[dict]:
+    """Question records sorted by image id, then question id: the order in which the attribute
+    stage explains questions (and :func:`pipeline.evaluation.inputs.question_batch` feeds them),
+    so that an image's questions are neighbours. A new list; ``records`` is left as it is."""
+    return sorted(records, key=lambda r: (r["image_id"], r["question_id"]))
+
+
 def merge_shards(out_dir: Path, methods: list[str], method_info: dict, meta: dict) -> dict:
-    """Merge every shard in ``out_dir/.shards`` into the store files, sorted by question id
-    (duplicates, which padding may produce, are dropped)."""
+    """Merge every shard in ``out_dir/.shards`` into the store files, sorted by question id, not
+    by :func:`in_image_order` (see the module docstring; duplicates, which padding may produce,
+    are dropped)."""
     shard_files = sorted((out_dir / SHARDS).glob("*.npz"))
     if not shard_files:
         raise DataError("no attribution shards to merge", out_dir / SHARDS)

@@ -5,9 +5,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from pipeline.io import read_json, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 PAD = "<pad>"
 UNK = "<unk>"
@@ -43,6 +46,21 @@ def tokenize(question: str, question_mark: bool = True) -> list[str]:
     else:
         text = _DROP.sub(" ", text)
     return [t.strip("'") for t in text.split() if t.strip("'")]
+
+
+def pad_token_ids(sequences: Sequence[Sequence[int]], width: int | None = None) -> "torch.Tensor":
+    """Questions' token ids as one N x ``width`` LongTensor: row i is ``sequences[i]`` cut to
+    ``width`` tokens, then padding (id 0, :attr:`QuestionVocab.pad_id`) to the end. ``width``
+    None: the longest sequence's length, at least 1."""
+    import torch  # here, so that tokenising and building vocabularies do not need torch
+
+    if width is None:
+        width = max(1, max(map(len, sequences), default=1))
+    tokens = torch.zeros(len(sequences), int(width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        ids = list(ids)[:width]
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return tokens
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pipeline.attribution import store
 from pipeline.config import abspath
 from pipeline.data import processed
 from pipeline.data.errors import DataError
+from pipeline.data.vocab import pad_token_ids
 
 
 def to_resolution(maps: np.ndarray, resolution: int) -> np.ndarray:
@@ -109,7 +110,7 @@ def question_batch(cfg, model, split_key: str, count: int | None = None,
 
     processed_dir = abspath(cfg.paths.processed_dir)
     records = processed.load_question_table(processed_dir, split_key)
-    records = sorted(records, key=lambda r: (r["image_id"], r["question_id"]))
+    records = store.in_image_order(records)
     records = records if count is None else records[:int(count)]
     if not records:
         raise DataError(f"no {split_key} questions: run `python -m pipeline.prepare` (stage prepare)",
@@ -123,11 +124,7 @@ def question_batch(cfg, model, split_key: str, count: int | None = None,
     images = torch.stack([decoded[r["image"]] for r in records])
     width = int(token_width) if token_width is not None else min(
         int(cfg.data.max_question_length), max(1, max(len(r["token_ids"]) for r in records)))
-    tokens = torch.zeros(len(records), width, dtype=torch.long)
-    for row, r in enumerate(records):
-        ids = r["token_ids"][:width]
-        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return records, images, tokens
+    return records, images, pad_token_ids([r["token_ids"] for r in records], width)
 
 
 def split_name(cfg, split_key: str) -> str:
