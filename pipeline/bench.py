@@ -22,6 +22,8 @@ inputs in one run (median of ``bench.repeats`` runs after one warm-up; milliseco
 Captum gets the predicted answers as ``target`` (computed once, outside the timings), as its API
 requires; our gradient family finds them in its own pass, our occlusion is given them too.
 
+Captum is a test extra (``pip install -e '.[test]'``), imported when a comparison runs.
+
 Writes ``${paths.metrics_dir}/bench.json`` (times, ratios with their targets and whether each is
 met, the map agreement, threads, model, N) and prints a short table.
 
@@ -50,26 +52,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam, Occlusion
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.attribution import explain
-from pipeline.config import abspath, stage_main
+from pipeline.config import CONF_DIR, abspath, stage_main
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
 
 GRADIENT_FAMILY = ["gradcam", "guided_backprop", "guided_gradcam"]
-# The ResNet-152 entry's settings (bench.resnet152 in conf/bench/default.yaml; the same values).
-RESNET152_DEFAULTS = {"enabled": False, "only": False, "weights": None, "input_size": 448,
-                      "channels_last": True, "extract_batch_size": 8,
-                      "models": ["lstm_cnn_paper", "mlb_paper"], "questions": 1,
-                      "question_words": 8, "question_vocab": 10000, "repeats": 1,
-                      "vqahat_val_questions": 1374, "vqahat_val_images": None}
-DEFAULTS = {"split": "val", "questions": 12, "repeats": 2, "batch_size": 4, "threads": None,
-            "grid": 16, "perturbations_per_eval": [1, 16, 64, 256],
-            "resnet152": RESNET152_DEFAULTS}
+# The benchmark's settings as conf/bench/default.yaml gives them (the one place they are set),
+# for configs composed without a ``bench`` group; ``bench.resnet152`` is the ResNet-152 entry's.
+DEFAULTS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "bench" / "default.yaml"), resolve=True)
+RESNET152_DEFAULTS = DEFAULTS["resnet152"]
 RANDOM_INIT_LABEL = "random-init weights (timing only)"
 # ratio name -> (numerator, denominator, comparison, target). The two gradient-family targets
 # were set when the family took one forward and one backward. Since each method differentiates
@@ -84,6 +80,17 @@ TARGETS = {
                                                          "ours_image_occlusion", ">=", 1.0),
 }
 AGREEMENT_RTOL, AGREEMENT_ATOL = 1e-4, 1e-6
+
+
+def captum_attr():
+    """``captum.attr``, imported when a Captum computation runs: Captum is a test extra, not a
+    dependency of the pipeline."""
+    try:
+        import captum.attr
+    except ImportError as e:
+        raise ImportError("pipeline.bench compares our methods with Captum's, which is not "
+                          "installed: it comes with the test extra, pip install -e '.[test]'") from e
+    return captum.attr
 
 
 class ImageOnly(nn.Module):
@@ -151,14 +158,15 @@ def ours_gradient_family(model, batches):
 
 
 def captum_gradient_family(model, batches):
+    attr = captum_attr()
     out = []
     for images, tokens, target in batches:
         wrapper = ImageOnly(model, tokens)
         conv = model.analysis_points()["conv"]
-        cam = LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=True)
+        cam = attr.LayerGradCam(wrapper, conv).attribute(images, target=target, relu_attributions=True)
         # Each method on its paper's score, as ours: guided backprop on the probability.
-        guided = GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=target)
-        ggc = GuidedGradCam(wrapper, conv).attribute(images, target=target, interpolate_mode="bilinear")
+        guided = attr.GuidedBackprop(ImageOnlyProbabilities(model, tokens)).attribute(images, target=target)
+        ggc = attr.GuidedGradCam(wrapper, conv).attribute(images, target=target, interpolate_mode="bilinear")
         out.append((cam, guided, ggc))
     return out
 
@@ -173,6 +181,7 @@ def ours_occlusion(model, batches, grid, modality):
 def captum_word_occlusion(model, batches):
     """Captum's Occlusion on the word embeddings: each token's embedding (window 1 x E) replaced
     by zeros, the rest of the model run from the embeddings through a hook on ``q_emb``."""
+    occlusion = captum_attr().Occlusion
     point = model.analysis_points()["q_emb"]
 
     def probabilities(embeddings, images, tokens):
@@ -190,7 +199,7 @@ def captum_word_occlusion(model, batches):
             model(images, tokens)
         handle.remove()
         embeddings = captured["e"]
-        out.append(Occlusion(probabilities).attribute(
+        out.append(occlusion(probabilities).attribute(
             embeddings, sliding_window_shapes=(1, embeddings.shape[2]),
             strides=(1, embeddings.shape[2]), baselines=0.0, target=target,
             additional_forward_args=(images, tokens)))
@@ -201,11 +210,12 @@ def captum_image_occlusion(model, batches, grid, perturbations_per_eval):
     def probabilities(images, tokens):
         return torch.softmax(model(images, tokens), dim=1)
 
+    occlusion = captum_attr().Occlusion
     out = []
     for images, tokens, target in batches:
         ph, pw = images.shape[2] // grid, images.shape[3] // grid
         window = (images.shape[1], ph, pw)
-        out.append(Occlusion(probabilities).attribute(
+        out.append(occlusion(probabilities).attribute(
             images, sliding_window_shapes=window, strides=window, baselines=0.0, target=target,
             additional_forward_args=(tokens,), perturbations_per_eval=perturbations_per_eval))
     return out
@@ -227,6 +237,7 @@ def measure(model, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 3,
     Returns the ``bench.json`` body without the run's description (model name, config)."""
     if model.training:
         raise ValueError("benchmark a model in eval mode")
+    captum_attr()  # before any timing: every comparison needs it
     n = len(images)
     with torch.no_grad():
         targets = torch.cat([model(images[s:s + batch_size], tokens[s:s + batch_size]).argmax(1)
@@ -365,14 +376,14 @@ def model_config(name: str) -> DictConfig:
     return OmegaConf.merge(*bases, node)
 
 
-def resnet152_weights(cfg: DictConfig, r: dict) -> tuple[dict, str, str]:
+def resnet152_weights(cfg: DictConfig, resnet_settings: dict) -> tuple[dict, str, str]:
     """(state dict, kind, description) of the backbone the entry times: ``bench.resnet152.weights``,
     else ``backbone.weights`` when the run's backbone is resnet152, else the hub cache, else a
     calibrated random initialisation (labelled as such; the timings do not depend on it)."""
     from pipeline.models.backbones import find_resnet152_weights
     from pipeline.models.random_init import random_init_resnet152_state_dict
 
-    given = r.get("weights") or (cfg.backbone.get("weights")
+    given = resnet_settings.get("weights") or (cfg.backbone.get("weights")
                                  if cfg.backbone.name == "resnet152" else None)
     if given:  # a file the user named must exist
         path = find_resnet152_weights(str(given))
@@ -394,17 +405,17 @@ def random_vqa_model(backbone, model_name: str, vocabulary: int, max_length: int
     from pipeline.data.vocab import PAD, UNK, AnswerVocab, QuestionVocab
     from pipeline.models.vqa_model import VQAModel, build_head, head_feature_kind
 
-    m = model_config(model_name)
-    arch = OmegaConf.to_container(m.arch, resolve=True)
+    model_cfg = model_config(model_name)
+    arch = OmegaConf.to_container(model_cfg.arch, resolve=True)
     questions = QuestionVocab([PAD, UNK, *(f"w{i}" for i in range(int(vocabulary) - 2))])
-    answers = AnswerVocab([f"a{i}" for i in range(int(m.num_answers))])
+    answers = AnswerVocab([f"a{i}" for i in range(int(model_cfg.num_answers))])
     torch.manual_seed(seed)
-    head = build_head(str(m.name), arch, len(questions), len(answers),
-                      backbone.feature_channels(head_feature_kind(str(m.name), arch)))
+    head = build_head(str(model_cfg.name), arch, len(questions), len(answers),
+                      backbone.feature_channels(head_feature_kind(str(model_cfg.name), arch)))
     return VQAModel(backbone, head, questions, answers, max_length, question_mark=True).eval()
 
 
-def measure_resnet152(cfg: DictConfig, r: dict) -> dict:
+def measure_resnet152(cfg: DictConfig, resnet_settings: dict) -> dict:
     """The ``resnet152`` entry of bench.json (module docstring): ms per image of extraction, ms per
     question of each method per head, and the projection to VQA-HAT val."""
     from pipeline.models.folding import folded_backbone
@@ -413,16 +424,16 @@ def measure_resnet152(cfg: DictConfig, r: dict) -> dict:
     entry_start = time.perf_counter()
     load_before = os.getloadavg()
     seed = int(cfg.get("seed", 0))
-    size, repeats = int(r["input_size"]), max(1, int(r["repeats"]))
-    state, weights_kind, weights = resnet152_weights(cfg, r)
+    size, repeats = int(resnet_settings["input_size"]), max(1, int(resnet_settings["repeats"]))
+    state, weights_kind, weights = resnet152_weights(cfg, resnet_settings)
     backbone = ResNet152(size, state).freeze()
     del state
-    if r["channels_last"]:
+    if resnet_settings["channels_last"]:
         backbone.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(seed)
 
     # Extraction: the backbone forward in inference mode, extract_batch_size images at a time.
-    batch = int(r["extract_batch_size"] or cfg.extract.batch_size)
+    batch = int(resnet_settings["extract_batch_size"] or cfg.extract.batch_size)
     pixels = torch.randn(batch, 3, size, size, generator=generator)
 
     def forward():
@@ -436,21 +447,24 @@ def measure_resnet152(cfg: DictConfig, r: dict) -> dict:
     # Explaining: every configured method, one question per explain() call, each question on an
     # image of its own (nothing shared between questions: an upper bound when questions share an
     # image, whose occluded copies the attribute stage then runs once).
-    a = cfg.attribution
-    methods = list(a.methods)
-    options = OmegaConf.to_container(a.options, resolve=True)
-    options.update(score=None if a.score is None else str(a.score), upsample=str(a.upsample))
-    n, length = int(r["questions"]), int(cfg.data.max_question_length)
-    words = min(int(r["question_words"]), length)
+    attribution = cfg.attribution
+    methods = list(attribution.methods)
+    options = OmegaConf.to_container(attribution.options, resolve=True)
+    options.update(score=None if attribution.score is None else str(attribution.score),
+                   upsample=str(attribution.upsample))
+    n, length = int(resnet_settings["questions"]), int(cfg.data.max_question_length)
+    words = min(int(resnet_settings["question_words"]), length)
     images = torch.randn(n, 3, size, size, generator=generator)
     tokens = torch.zeros(n, length, dtype=torch.long)
-    tokens[:, :words] = torch.randint(2, int(r["question_vocab"]), (n, words), generator=generator)
+    tokens[:, :words] = torch.randint(2, int(resnet_settings["question_vocab"]), (n, words),
+                                      generator=generator)
     fold_start = time.perf_counter()
     folded_backbone(backbone)  # traced once per weights and stage run: not a per-question cost
     fold_seconds = time.perf_counter() - fold_start
     models = {}
-    for k, name in enumerate(r["models"]):
-        model = random_vqa_model(backbone, str(name), int(r["question_vocab"]), length, seed + k)
+    for k, name in enumerate(resnet_settings["models"]):
+        model = random_vqa_model(backbone, str(name), int(resnet_settings["question_vocab"]), length,
+                                 seed + k)
         explain(model, images[:1], tokens[:1], methods=["gradcam"], options=options)  # warm-up
         per_question = {m: [] for m in methods}  # per method: each question's median
         skipped = {}
@@ -471,8 +485,8 @@ def measure_resnet152(cfg: DictConfig, r: dict) -> dict:
         log.info("resnet152 + %s: %.1f s per question, all methods", name, sum(ms.values()) / 1000)
 
     # The projection: Goyal et al.'s Table 1 setting, VQA-HAT val, on this machine.
-    questions = int(r["vqahat_val_questions"])
-    vqahat_images = int(r["vqahat_val_images"] or questions)
+    questions = int(resnet_settings["vqahat_val_questions"])
+    vqahat_images = int(resnet_settings["vqahat_val_images"] or questions)
     extract_s = vqahat_images * extract_ms / 1000.0
     attribute_s = {name: questions * v["ms_per_question_total"] / 1000.0
                    for name, v in models.items()}
@@ -482,7 +496,7 @@ def measure_resnet152(cfg: DictConfig, r: dict) -> dict:
         "weights_kind": weights_kind,
         "input_size": size,
         "grid_shape": list(grid.shape[1:]),
-        "channels_last": bool(r["channels_last"]),
+        "channels_last": bool(resnet_settings["channels_last"]),
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "extract_batch_size": batch,
@@ -556,15 +570,15 @@ def format_resnet152(entry: dict) -> str:
 def run(cfg: DictConfig) -> dict:
     from pipeline.models.checkpoint import load_model, trained_model_path
 
-    b = {**DEFAULTS, **OmegaConf.to_container(cfg.get("bench", {}) or {}, resolve=True)}
-    r = {**RESNET152_DEFAULTS, **(b.get("resnet152") or {})}
-    threads = int(b["threads"] or len(os.sched_getaffinity(0)))
+    settings = {**DEFAULTS, **OmegaConf.to_container(cfg.get("bench", {}) or {}, resolve=True)}
+    resnet_settings = {**RESNET152_DEFAULTS, **(settings.get("resnet152") or {})}
+    threads = int(settings["threads"] or len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
     torch.manual_seed(int(cfg.get("seed", 0)))
     path = abspath(cfg.paths.metrics_dir) / "bench.json"
-    if r["enabled"] and r["only"]:
+    if resnet_settings["enabled"] and resnet_settings["only"]:
         result = _read_existing(path)
-        result["resnet152"] = measure_resnet152(cfg, r)
+        result["resnet152"] = measure_resnet152(cfg, resnet_settings)
         write_json(path, result)
         print(format_resnet152(result["resnet152"]))
         print(f"wrote {path} (resnet152 entry)")
@@ -574,15 +588,17 @@ def run(cfg: DictConfig) -> dict:
     channels_last = bool(cfg.backbone.get("channels_last"))
     if channels_last:  # for ours and Captum alike
         model.backbone.to(memory_format=torch.channels_last)
-    images, tokens = load_questions(cfg, model, str(b["split"]), int(b["questions"]))
-    log.info("benchmarking %s on %d %s questions with %d threads", name, len(images), b["split"], threads)
-    body = measure(model, images, tokens, repeats=int(b["repeats"]), batch_size=int(b["batch_size"]),
-                   grid=int(b["grid"]), perturbations_per_eval=[int(p) for p in b["perturbations_per_eval"]])
-    result = {"model": name, "data": str(cfg.data.name), "split": str(b["split"]),
+    images, tokens = load_questions(cfg, model, str(settings["split"]), int(settings["questions"]))
+    log.info("benchmarking %s on %d %s questions with %d threads", name, len(images), settings["split"],
+             threads)
+    body = measure(model, images, tokens, repeats=int(settings["repeats"]),
+                   batch_size=int(settings["batch_size"]), grid=int(settings["grid"]),
+                   perturbations_per_eval=[int(p) for p in settings["perturbations_per_eval"]])
+    result = {"model": name, "data": str(cfg.data.name), "split": str(settings["split"]),
               "channels_last": channels_last,
               "torch": torch.__version__, **body}
-    if r["enabled"]:
-        result["resnet152"] = measure_resnet152(cfg, r)
+    if resnet_settings["enabled"]:
+        result["resnet152"] = measure_resnet152(cfg, resnet_settings)
     path = write_json(path, result)
     print(format_table(result))
     if "resnet152" in result:

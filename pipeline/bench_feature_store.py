@@ -1,22 +1,24 @@
 """Benchmark: does training from the feature store use memory independent of the store's size?
 
-    python -m pipeline.bench_feature_store [--rows 2700] [--scale 10] [--grid 128 8 8]
-                                           [--batch-size 64] [--workdir DIR] [--out FILE]
+    python -m pipeline.bench_feature_store [bench.feature_store.rows=2700]
+        [bench.feature_store.scale=10] [bench.feature_store.grid=[128,8,8]]
+        [bench.feature_store.batch_size=64] [bench.feature_store.workdir=DIR]
 
 Writes two synthetic stores of random float16 features with the same grid shape, one with
-``--rows`` rows and one ``--scale`` times larger, then runs one training-like epoch over each in
-a fresh subprocess (so that nothing allocated by one run is counted in the other): batches of
-rows in random order read through :class:`~pipeline.data.feature_store.FeatureStore`, a linear
-classifier's forward, backward and SGD step. Each subprocess reports its peak resident memory
-(``ru_maxrss``). Prints and writes (default ``reports/metrics/bench_feature_store.json``) both peaks
-and their ratio; a ratio near 1 means reading costs memory per batch, not per file.
+``bench.feature_store.rows`` rows and one ``bench.feature_store.scale`` times larger, then runs
+one training-like epoch over each in a fresh subprocess (so that nothing allocated by one run is
+counted in the other): batches of rows in random order read through
+:class:`~pipeline.data.feature_store.FeatureStore`, a linear classifier's forward, backward and
+SGD step. Each subprocess reports its peak resident memory (``ru_maxrss``). Prints and writes
+``${paths.metrics_dir}/bench_feature_store.json`` (both peaks and their ratio); a ratio near 1
+means reading costs memory per batch, not per file.
 
-The defaults are the default preset's store (2500 + 200 images, 128 x 8 x 8 grids); for
-ResNet-152's res5c use ``--grid 2048 14 14 --rows 200``.
+The defaults (``bench.feature_store`` in conf/bench/default.yaml) are the default preset's store
+(2500 + 200 images, 128 x 8 x 8 grids); for ResNet-152's res5c use
+``bench.feature_store.grid=[2048,14,14] bench.feature_store.rows=200``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
@@ -28,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
+from pipeline.config import abspath, stage_main
 from pipeline.data.feature_store import FeatureStore, FeatureStoreWriter
 from pipeline.io import write_json
 
@@ -89,43 +93,38 @@ def train_one_epoch(store_dir: Path, batch_size: int, seed: int) -> dict:
     }
 
 
+# What each measuring subprocess runs: one epoch over the store, its measurement as JSON.
+EPOCH_CODE = ("import sys; from pipeline.bench_feature_store import epoch_main; "
+              "epoch_main(sys.argv[1:])")
+
+
+def epoch_main(argv: list[str]) -> dict:
+    """The subprocess's entry: ``STORE_DIR BATCH_SIZE SEED``; prints the measurement as JSON."""
+    store_dir, batch_size, seed = argv
+    measurement = train_one_epoch(Path(store_dir), int(batch_size), int(seed))
+    print(json.dumps(measurement))
+    return measurement
+
+
 def measure_in_subprocess(store_dir: Path, batch_size: int, seed: int) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench_feature_store", "--train-epoch", str(store_dir),
-         "--batch-size", str(batch_size), "--seed", str(seed)],
+        [sys.executable, "-c", EPOCH_CODE, str(store_dir), str(batch_size), str(seed)],
         check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=2700, help="rows of the smaller store")
-    parser.add_argument("--scale", type=int, default=10, help="the larger store has rows x scale")
-    parser.add_argument("--grid", type=int, nargs=3, default=(128, 8, 8), metavar=("C", "H", "W"))
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the temporary stores go (default: the system temp folder)")
-    parser.add_argument("--out", type=Path, default=Path("reports/metrics/bench_feature_store.json"))
-    # Internal: what each measuring subprocess runs.
-    parser.add_argument("--train-epoch", type=Path, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.train_epoch is not None:
-        measurement = train_one_epoch(args.train_epoch, args.batch_size, args.seed)
-        print(json.dumps(measurement))
-        return measurement
-
-    grid_shape = tuple(args.grid)
+def run(cfg: DictConfig) -> dict:
+    settings = cfg.bench.feature_store
+    rows, scale = int(settings.rows), int(settings.scale)
+    batch_size, seed = int(settings.batch_size), int(settings.seed)
+    grid_shape = tuple(int(size) for size in settings.grid)
+    workdir = abspath(settings.workdir) if settings.get("workdir") else None
     runs = {}
-    with tempfile.TemporaryDirectory(prefix="bench_feature_store.", dir=args.workdir) as workdir:
-        for name, rows in (("small", args.rows), ("large", args.rows * args.scale)):
-            print(f"writing the {name} store: {rows} x {grid_shape} float16", flush=True)
-            store_dir = write_synthetic_store(Path(workdir), name, rows, grid_shape, args.seed)
-            runs[name] = measure_in_subprocess(store_dir, args.batch_size, args.seed)
+    with tempfile.TemporaryDirectory(prefix="bench_feature_store.", dir=workdir) as tmp:
+        for name, count in (("small", rows), ("large", rows * scale)):
+            print(f"writing the {name} store: {count} x {grid_shape} float16", flush=True)
+            store_dir = write_synthetic_store(Path(tmp), name, count, grid_shape, seed)
+            runs[name] = measure_in_subprocess(store_dir, batch_size, seed)
             print(f"  {name}: store {runs[name]['store_bytes'] / 2**20:.0f} MiB, peak RSS "
                   f"{runs[name]['peak_rss_bytes'] / 2**20:.0f} MiB "
                   f"(+{runs[name]['epoch_rss_growth_bytes'] / 2**20:.0f} MiB during the epoch), "
@@ -133,17 +132,19 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = runs["large"]["peak_rss_bytes"] / runs["small"]["peak_rss_bytes"]
     report = {
         "grid_shape": list(grid_shape),
-        "batch_size": args.batch_size,
-        "scale": args.scale,
+        "batch_size": batch_size,
+        "scale": scale,
         **runs,
         "peak_rss_ratio": round(ratio, 4),
         "ratio_limit": RATIO_LIMIT,
         "within_limit": ratio <= RATIO_LIMIT,
     }
-    write_json(args.out, report)
-    print(f"peak RSS ratio large/small: {ratio:.3f} (limit {RATIO_LIMIT}); wrote {args.out}")
+    out = write_json(abspath(cfg.paths.metrics_dir) / "bench_feature_store.json", report)
+    print(f"peak RSS ratio large/small: {ratio:.3f} (limit {RATIO_LIMIT}); wrote {out}")
     return report
 
+
+main = stage_main(run)
 
 if __name__ == "__main__":
     main()

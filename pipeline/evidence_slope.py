@@ -63,13 +63,13 @@ COLUMNS = ["model", "answer_type", "n", "no_truth", "score_falls", "ci_low", "ci
            "mean_delta", "first_order_agrees", "gradcam_negative", "gradcam_agrees", "relu_kept", "zero_sum"]
 
 
-def measure(cfg, model_name: str, e) -> pd.DataFrame:
+def measure(cfg, model_name: str, settings) -> pd.DataFrame:
     """Per-question measurements of one model over the whole split (question id order of the
     attribute stage's batches: by image, then question id)."""
     model = load_trained_model(cfg, model_name).eval()
     records, images, tokens = inputs.question_batch(cfg, model, str(cfg.evaluation.split))
     qids = [int(r["question_id"]) for r in records]
-    batch, eps, share = int(e.batch), float(e.eps), float(e.cell_share)
+    batch, eps, share = int(settings.batch), float(settings.eps), float(settings.cell_share)
     rows = []
     for start in tqdm(range(0, len(records), batch), desc=f"evidence slope {model_name}", unit="batch"):
         stop = min(start + batch, len(records))
@@ -86,9 +86,9 @@ def measure(cfg, model_name: str, e) -> pd.DataFrame:
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    ev, e = cfg.evaluation, cfg.evaluation[STAGE]
+    evaluation, settings = cfg.evaluation, cfg.evaluation[STAGE]
     boot = bootstrap_settings(cfg)
-    seed_everything(int(ev.seed))
+    seed_everything(int(evaluation.seed))
     if cfg.data.source != "synthetic":
         reason = f"{cfg.data.name} has no ground truth of where to look (synthetic data only)"
         log.warning("evidence slope not measured: %s", reason)
@@ -97,19 +97,20 @@ def run(cfg: DictConfig) -> dict:
                           metrics={"skipped": reason}, start=start)["metrics"]
         return {"table": table, "metrics": metrics}
     rows = []
-    for model in [str(m) for m in ev.models]:
-        rows += summarise_model(model, measure(cfg, model, e), boot, float(e.zero_sum_tolerance))
+    for model in [str(m) for m in evaluation.models]:
+        rows += summarise_model(model, measure(cfg, model, settings), boot,
+                                float(settings.zero_sum_tolerance))
     table = pd.DataFrame(rows, columns=COLUMNS)
-    caption = (f"Scaling the ground-truth cells' features (share >= {float(e.cell_share):g}) by "
-               f"1 + {float(e.eps):g} at `conv`: how often the explained answer's logit falls "
+    caption = (f"Scaling the ground-truth cells' features (share >= {float(settings.cell_share):g}) by "
+               f"1 + {float(settings.eps):g} at `conv`: how often the explained answer's logit falls "
                "(`score_falls`, 95% bootstrap interval), how often it falls when they are scaled "
-               f"by 1 - {float(e.eps):g} as well (`peak`), how often the answer's probability falls "
+               f"by 1 - {float(settings.eps):g} as well (`peak`), how often the answer's probability falls "
                "(`prob_falls`), the mean change of the logit, how often the "
                "first-order (gradient) estimate has the same sign, how often the signed Grad-CAM "
                "sum is lower on the ground truth than elsewhere (`gradcam_negative`) and how "
                "often its sign agrees with the measured change (`gradcam_agrees`), the mean share "
                "of the signed Grad-CAM map's mass that its ReLU keeps (`relu_kept`) and how often "
-               f"the signed map sums to zero (`zero_sum`: |sum| <= {float(e.zero_sum_tolerance):g} "
+               f"the signed map sums to zero (`zero_sum`: |sum| <= {float(settings.zero_sum_tolerance):g} "
                "x sum of |values|; on a model that L2-normalises the grid's spatial mean it always "
                "does, by Euler's theorem; through fc6-fc7, as LSTM-CNN reads the image by default, "
                "it need not).\n\n")
@@ -117,7 +118,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = json_safe({f"{r['model']}/{r['answer_type']}": {k: r[k] for k in kept} for r in rows})
     publish(cfg, STAGE, tables={STAGE: (table, caption + markdown_table(table))}, metrics=metrics,
             summary={f"{k}/score_falls": v["score_falls"] for k, v in metrics.items()}, start=start,
-            note=f"models {list(ev.models)}")
+            note=f"models {list(evaluation.models)}")
     return {"table": table, "metrics": metrics}
 
 

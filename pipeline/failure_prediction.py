@@ -141,8 +141,8 @@ def evaluate(features: np.ndarray, wrong: np.ndarray, folds: int, l2: float, boo
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    e = cfg.evaluation
-    settings = e[STAGE]
+    evaluation = cfg.evaluation
+    settings = evaluation[STAGE]
     folds, l2 = int(settings.folds), float(settings.l2)
     feature_sets = OmegaConf.to_container(settings.feature_sets, resolve=True)
     for name, features in feature_sets.items():
@@ -151,7 +151,7 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(f"evaluation.failure_prediction.feature_sets.{name}: unknown or no "
                              f"features {unknown}; choose from {list(FEATURES)}")
     boot = bootstrap_settings(cfg)
-    models = [str(m) for m in e.models]
+    models = [str(m) for m in evaluation.models]
     if not models:
         raise DataError("evaluation.models is empty: name at least one model")
 

@@ -96,14 +96,15 @@ def _summary_row(values: np.ndarray, boot: dict) -> dict:
 # Parts 1 and 2
 
 
-def top_neuron_tables(model: str, rows: list[dict], scores: np.ndarray, g, boot: dict):
+def top_neuron_tables(model: str, rows: list[dict], scores: np.ndarray, settings, boot: dict):
     """Tables 1-4 analogue: per listed question its top-k neurons; per listed group the mean
     Jaccard overlap of the top-k sets."""
-    top, values = gating.top_neurons(scores, int(g.top_k))
-    question_groups = [("same_question", key, members[:int(g.same_question.questions_per_group)])
-                       for key, members in gating.same_question_groups(rows)[:int(g.same_question.groups)]]
+    top, values = gating.top_neurons(scores, int(settings.top_k))
+    question_groups = [("same_question", key, members[:int(settings.same_question.questions_per_group)])
+                       for key, members
+                       in gating.same_question_groups(rows)[:int(settings.same_question.groups)]]
     image_groups = [("same_image", str(image), members)
-                    for image, members in gating.same_image_groups(rows)[:int(g.same_image.groups)]]
+                    for image, members in gating.same_image_groups(rows)[:int(settings.same_image.groups)]]
     top_rows, overlap_rows = [], []
     for case, key, members in question_groups + image_groups:
         for i in members:
@@ -119,9 +120,9 @@ def top_neuron_tables(model: str, rows: list[dict], scores: np.ndarray, g, boot:
     return top_rows, overlap_rows
 
 
-def comparison_pairs(rows: list[dict], pairs_truth, g, seed: int) -> dict[str, np.ndarray]:
+def comparison_pairs(rows: list[dict], pairs_truth, settings, seed: int) -> dict[str, np.ndarray]:
     """Row-index pairs of each case of Tables 5-6 (at most ``max_pairs`` each, seeded)."""
-    limit = g.get("max_pairs")
+    limit = settings.get("max_pairs")
     same_question = gating.subsample_pairs(gating.within_group_pairs(gating.same_question_groups(rows)), limit, seed)
     same_image = gating.subsample_pairs(gating.within_group_pairs(gating.same_image_groups(rows)), limit, seed)
     row_of = {r["question_id"]: i for i, r in enumerate(rows)}
@@ -164,7 +165,7 @@ def gate_sizes(requested, width: int) -> list[int]:
     return sorted(sizes)
 
 
-def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_truth, g,
+def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_truth, settings,
           boot: dict) -> tuple[list[dict], dict]:
     """Part 3 for one model: the rows of ``gating_sweep`` and its headline numbers."""
     row_of = {r["question_id"]: i for i, r in enumerate(rows)}
@@ -190,10 +191,10 @@ def sweep(cfg, model_name: str, rows: list[dict], scores: np.ndarray, pairs_trut
     qids = [q for pair in pairs for q in pair]  # a0, b0, a1, b1, ...
     masks = inputs.ground_truth_maps(cfg, str(cfg.evaluation.split), qids, resolution)
     width = scores.shape[1]
-    sizes = gate_sizes(g.sweep.top_n, width)
+    sizes = gate_sizes(settings.sweep.top_n, width)
     maps = {"gradcam": [], **{n: [] for n in sizes}}
     stale = 0.0
-    batch = max(2, int(g.sweep.batch_size) // 2 * 2)  # whole pairs per batch
+    batch = max(2, int(settings.sweep.batch_size) // 2 * 2)  # whole pairs per batch
     for start in tqdm(range(0, len(qids), batch), desc=f"gating sweep ({model_name})", unit="batch"):
         chunk = qids[start:start + batch]
         images = torch.stack([transform(load_image(data_root / records[q]["image"])) for q in chunk])
@@ -254,25 +255,25 @@ NO_SWEEP = "no ground-truth masks or same-answer pairs on this data (synthetic d
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    ev = cfg.evaluation
-    g, boot = ev.gating_study, bootstrap_settings(cfg)
-    truth = inputs.ground_truth_questions(cfg, str(ev.split))
+    evaluation = cfg.evaluation
+    settings, boot = evaluation.gating_study, bootstrap_settings(cfg)
+    truth = inputs.ground_truth_questions(cfg, str(evaluation.split))
     top_rows, overlap_rows, correlation_rows, sweep_rows = [], [], [], []
     metrics = {"models": {}}
-    for model in ev.models:
+    for model in evaluation.models:
         model = str(model)
         rows, scores = load_neuron_scores(cfg, model)
         log.info("%s: neuron scores of %d questions over %d fusion neurons", model, len(rows), scores.shape[1])
-        t, o = top_neuron_tables(model, rows, scores, g, boot)
+        t, o = top_neuron_tables(model, rows, scores, settings, boot)
         top_rows += t
         overlap_rows += o
-        cases = comparison_pairs(rows, truth["pairs"], g, boot["seed"])
-        correlation = correlation_table(model, scores, cases, int(g.top_k), boot)
+        cases = comparison_pairs(rows, truth["pairs"], settings, boot["seed"])
+        correlation = correlation_table(model, scores, cases, int(settings.top_k), boot)
         correlation_rows += correlation
         m = {"questions": len(rows), "fusion_width": int(scores.shape[1]),
              "score_correlation": {f"{r['case']}/{r['measure']}": r["mean"] for r in correlation}}
         if truth["pairs"]:
-            rows_sweep, headline = sweep(cfg, model, rows, scores, truth["pairs"], g, boot)
+            rows_sweep, headline = sweep(cfg, model, rows, scores, truth["pairs"], settings, boot)
             sweep_rows += rows_sweep
             m["sweep"] = headline
         else:

@@ -56,8 +56,8 @@ COLUMNS = ["model", "measure", "reference", "n", "mean", "ci_low", "ci_high", "u
 
 def study_model(cfg, model: str, index: dict, tagger: Tagger, boot: dict) -> tuple[list[dict], dict]:
     """Table rows and arrays needed for the figures of one attention model."""
-    e = cfg.evaluation
-    r = int(e.resolution)
+    evaluation = cfg.evaluation
+    resolution = int(evaluation.resolution)
     questions = index["questions"]
     qids = [q["question_id"] for q in questions]
     hadamard = inputs.read_method(cfg, model, "hadamard", ("image_map", "question_map", "valid"), index=index)
@@ -71,17 +71,17 @@ def study_model(cfg, model: str, index: dict, tagger: Tagger, boot: dict) -> tup
         raise DataError(f"{model}'s attention has {glimpses.shape[1]} glimpse(s); the study compares two",
                         inputs.attribution_dir(cfg, model) / "attention.npz")
 
-    hadamard_r = inputs.to_resolution(hadamard["image_map"][usable], r)
+    hadamard_r = inputs.to_resolution(hadamard["image_map"][usable], resolution)
     references = {
-        "glimpse_1": inputs.to_resolution(glimpses[usable, 0], r),
-        "glimpse_2": inputs.to_resolution(glimpses[usable, 1], r),
-        "mean_attention": inputs.to_resolution(attention["image_map"][usable], r),
+        "glimpse_1": inputs.to_resolution(glimpses[usable, 0], resolution),
+        "glimpse_2": inputs.to_resolution(glimpses[usable, 1], resolution),
+        "mean_attention": inputs.to_resolution(attention["image_map"][usable], resolution),
     }
     usable_qids = [qids[i] for i in usable]
-    truth = inputs.ground_truth_maps(cfg, str(e.split), usable_qids, r)
+    truth = inputs.ground_truth_maps(cfg, str(evaluation.split), usable_qids, resolution)
     if truth:
         references["ground_truth"] = np.stack([truth[q] for q in usable_qids])
-    humans = inputs.human_maps(cfg, str(e.split), usable_qids, r)
+    humans = inputs.human_maps(cfg, str(evaluation.split), usable_qids, resolution)
     human_rows = [k for k, q in enumerate(usable_qids) if q in humans]
     z_scores = np.asarray(hadamard["question_map"], dtype=np.float64)
     rows = study_rows(model, hadamard_r, references, human_rows, [humans[usable_qids[k]] for k in human_rows],
@@ -126,11 +126,11 @@ def write_figures(cfg, model: str, study: dict) -> list:
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    e = cfg.evaluation
-    tagger = make_tagger(str(e.hadamard_study.tagger))
+    evaluation = cfg.evaluation
+    tagger = make_tagger(str(evaluation.hadamard_study.tagger))
     boot = bootstrap_settings(cfg)
     table_rows, figures, skipped = [], {}, {}
-    for model in [str(m) for m in e.models]:
+    for model in [str(m) for m in evaluation.models]:
         index = inputs.load_store(cfg, model)
         attention = index["methods"].get("attention")
         if attention is None or attention.get("skipped"):
@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
                      r["undefined"], "" if np.isnan(r["chance"]) else f", chance {r['chance']:.3f}")
     if not table_rows:
         log.warning("hadamard_study: no model with learned attention among %s; tables are empty",
-                    list(e.models))
+                    list(evaluation.models))
     table = pd.DataFrame(table_rows, columns=COLUMNS)
     metrics = {"tagger": tagger.name, "skipped": skipped,
                "results": {r["model"]: {} for r in table_rows}}

@@ -137,15 +137,15 @@ def ground_truth_hits(questions: list[dict], winners: dict[int, int], truth: dic
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    e = cfg.evaluation
-    settings = e.pos_histogram
-    models, methods = [str(m) for m in e.models], [str(m) for m in settings.methods]
+    evaluation = cfg.evaluation
+    settings = evaluation.pos_histogram
+    models, methods = [str(m) for m in evaluation.models], [str(m) for m in settings.methods]
     tagger = make_tagger(str(settings.tagger))
-    truth = inputs.ground_truth_questions(cfg, str(e.split))["questions"]
+    truth = inputs.ground_truth_questions(cfg, str(evaluation.split))["questions"]
     boot = bootstrap_settings(cfg)
 
     # Fig. 3's tags are the most frequent on the whole split, not on the explained questions.
-    split_questions = processed.load_question_table(abspath(cfg.paths.processed_dir), str(e.split))
+    split_questions = processed.load_question_table(abspath(cfg.paths.processed_dir), str(evaluation.split))
     histogram_rows, by_tag_rows, truth_rows = [], [], []
     split_counts_by_width: dict[int, Counter] = {}
     metrics = {"tagger": tagger.name, "questions": {}, "ground_truth_share": {}, "skipped": {},

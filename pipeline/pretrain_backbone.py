@@ -53,11 +53,14 @@ def check_pretrained_scene_resnet(cfg: DictConfig, metrics_path) -> dict:
     build_backbone(cfg.backbone)  # loads, and checks the input size the file was trained at
     log.info("data=%s has nothing to pretrain scene_resnet on: using the weights pretrained on "
              "the synthetic world at %s", cfg.data.name, path)
-    return write_json(metrics_path, {"backbone": "scene_resnet", "weights": str(cfg.backbone.weights),
-                                     "pretrained_here": False, "sha256": sha256_file(path)})
+    metrics = {"backbone": "scene_resnet", "weights": str(cfg.backbone.weights),
+               "pretrained_here": False, "sha256": sha256_file(path)}
+    write_json(metrics_path, metrics)
+    return metrics
 
 
 def run(cfg: DictConfig) -> dict:
+    """Pretrain (or check) the backbone; the metrics written to pretrain_backbone.json."""
     metrics_path = abspath(cfg.paths.metrics_dir) / "pretrain_backbone.json"
     if cfg.backbone.name == "resnet152":
         path = find_resnet152_weights(cfg.backbone.get("weights"))
@@ -65,7 +68,8 @@ def run(cfg: DictConfig) -> dict:
         record = {"backbone": "resnet152", "weights": str(path)}
         if cfg.backbone.get("pretrained"):
             write_json(abspath(cfg.backbone.pretrained), {**record, "sha256": sha256_file(path)})
-        return write_json(metrics_path, record)
+        write_json(metrics_path, record)
+        return record
     if cfg.backbone.name != "scene_resnet":
         raise ValueError(f"pretrain_backbone knows scene_resnet and resnet152, not {cfg.backbone.name!r}")
     if cfg.data.source != "synthetic":
@@ -73,10 +77,10 @@ def run(cfg: DictConfig) -> dict:
 
     seed_everything(int(cfg.seed))
     root = abspath(cfg.data.root)
-    p = cfg.backbone.pretrain
+    settings = cfg.backbone.pretrain
     net = SceneResNet(tuple(cfg.backbone.channels), int(cfg.backbone.input_size), NUM_LABELS,
                       NUM_CELL_LABELS, tuple(cfg.backbone.get("fc", ())),
-                      float(p.get("fc_dropout", 0.5)))
+                      float(settings.get("fc_dropout", 0.5)))
     grid = net.input_size // 16  # four stride-2 stages
     transform = ImageTransform(net.input_size, net.mean, net.std)
     tensors = {}
@@ -84,14 +88,15 @@ def run(cfg: DictConfig) -> dict:
         split = cfg.data.splits[key]
         tensors[key] = load_split_tensors(root, split, load_ground_truth(root, split)["images"],
                                           transform, grid)
-    history = pretrain(net, tensors["train"], tensors["val"], int(p.epochs), int(p.batch_size),
-                       float(p.lr), float(p.weight_decay), int(cfg.seed), str(p.get("device", "cpu")),
-                       channels_last=bool(cfg.backbone.get("channels_last")))
+    device = str(settings.get("device", "cpu"))
+    history = pretrain(net, tensors["train"], tensors["val"], int(settings.epochs),
+                       int(settings.batch_size), float(settings.lr), float(settings.weight_decay),
+                       int(cfg.seed), device, channels_last=bool(cfg.backbone.get("channels_last")))
     fc_history = []
     if net.fc is not None:
-        fc_history = pretrain_fc(net, tensors["train"], tensors["val"], int(p.fc_epochs),
-                                 int(p.fc_batch_size), float(p.fc_lr), float(p.weight_decay),
-                                 int(cfg.seed) + 1, str(p.get("device", "cpu")))
+        fc_history = pretrain_fc(net, tensors["train"], tensors["val"], int(settings.fc_epochs),
+                                 int(settings.fc_batch_size), float(settings.fc_lr),
+                                 float(settings.weight_decay), int(cfg.seed) + 1, device)
     net.cpu()
     save_torch({"state_dict": net.state_dict(), "channels": list(cfg.backbone.channels),
                 "input_size": net.input_size, "num_labels": NUM_LABELS,

@@ -118,11 +118,11 @@ def score_run(cfg, models: list[str], references: dict[str, dict], boot: dict,
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    e = cfg.evaluation
-    resolution = int(e.resolution)
+    evaluation = cfg.evaluation
+    resolution = int(evaluation.resolution)
     boot = bootstrap_settings(cfg)
-    split = str(e.split)
-    models = [str(m) for m in e.models]
+    split = str(evaluation.split)
+    models = [str(m) for m in evaluation.models]
     if not models:
         raise DataError("evaluation.models is empty: name at least one model")
     seeds = training_seeds(cfg)

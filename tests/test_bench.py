@@ -120,10 +120,45 @@ def test_interleaved_timing_runs_every_computation_in_each_round():
 def test_defaults_are_the_config_files_values():
     from omegaconf import OmegaConf
 
-    from pipeline.bench import DEFAULTS
-    from pipeline.config import CONF_DIR
+    from pipeline.bench import DEFAULTS, RESNET152_DEFAULTS
+    from pipeline.config import CONF_DIR, compose
 
     assert OmegaConf.to_container(OmegaConf.load(CONF_DIR / "bench" / "default.yaml")) == DEFAULTS
+    assert OmegaConf.to_container(compose().bench) == DEFAULTS
+    assert RESNET152_DEFAULTS == DEFAULTS["resnet152"]
+
+
+def test_captum_is_imported_only_when_used_and_named_as_the_test_extra(monkeypatch):
+    """Captum is a test extra: importing pipeline.bench does not need it; a comparison without it
+    says how to install it."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.bench; print('captum' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout.strip() == "False"
+    from pipeline import bench
+
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # import captum.attr fails
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[test\]'"):
+        bench.captum_attr()
+
+
+def test_feature_store_benchmark_is_a_hydra_stage_with_its_settings_in_the_config(tmp_path):
+    """bench.feature_store's settings, tiny: both stores measured, the report written to
+    paths.metrics_dir."""
+    from pipeline import bench_feature_store
+    from pipeline.config import compose
+
+    cfg = compose([f"paths.root={tmp_path}", "bench.feature_store.rows=16",
+                   "bench.feature_store.scale=2", "bench.feature_store.grid=[4,2,2]",
+                   "bench.feature_store.batch_size=8", f"bench.feature_store.workdir={tmp_path}"])
+    report = bench_feature_store.run(cfg)
+    assert report["grid_shape"] == [4, 2, 2] and report["batch_size"] == 8 and report["scale"] == 2
+    assert report["small"]["rows"] == 16 and report["large"]["rows"] == 32
+    assert report["peak_rss_ratio"] > 0
+    saved = json.loads((tmp_path / "reports" / "metrics" / "bench_feature_store.json").read_text())
+    assert saved == json.loads(json.dumps(report))
 
 
 def test_resnet152_entry_times_extraction_and_every_method_and_projects(tmp_path, monkeypatch):

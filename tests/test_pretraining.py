@@ -79,3 +79,19 @@ def test_fc_layers_train_on_the_frozen_trunk_and_leave_it_unchanged():
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert set(history[-1]) == {"fc_presence_label_acc", "fc_pair_presence_acc", "fc_count_acc", "epoch"}
     assert not with_fc.fc.training  # dropout off once pretrained
+
+
+def test_run_returns_the_metrics_it_writes_for_resnet152(tmp_path):
+    """resnet152 has nothing to pretrain: ``run`` returns the record it writes, a dict (as on
+    the pretraining branch), not the file's path."""
+    import json
+
+    from pipeline import pretrain_backbone
+    from pipeline.config import compose
+
+    weights = tmp_path / "resnet152.pth"
+    weights.write_bytes(b"not read")
+    cfg = compose([f"paths.root={tmp_path}", "backbone=resnet152", f"backbone.weights={weights}"])
+    metrics = pretrain_backbone.run(cfg)
+    assert metrics == {"backbone": "resnet152", "weights": str(weights)}
+    assert json.loads((tmp_path / "reports" / "metrics" / "pretrain_backbone.json").read_text()) == metrics

@@ -32,9 +32,9 @@ def json_safe(value):
 def bootstrap_settings(cfg) -> dict:
     """The percentile bootstrap of every table (``evaluation.bootstrap``, ``evaluation.seed``) as
     keyword arguments of :func:`pipeline.evaluation.stats.summarise` and ``bootstrap_ci``."""
-    e = cfg.evaluation
-    return {"samples": int(e.bootstrap.samples), "confidence": float(e.bootstrap.confidence),
-            "seed": int(e.seed)}
+    evaluation = cfg.evaluation
+    return {"samples": int(evaluation.bootstrap.samples),
+            "confidence": float(evaluation.bootstrap.confidence), "seed": int(evaluation.seed)}
 
 
 def tables_dir(cfg) -> Path:
