@@ -3,6 +3,7 @@ written atomically), metrics as JSON, and the same tables and figures logged to 
 project (offline by default, like training). Every stage ends with :func:`publish`."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -12,9 +13,21 @@ import pandas as pd
 
 from pipeline.config import abspath
 from pipeline.io import atomic_path, write_json, write_text
-from pipeline.viz.plots import pyplot
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (stages run headless and only
+    write PNG files), chosen here once for every figure the pipeline draws: the stages' figures
+    (``pipeline.viz``) and the ones this module saves and publishes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def json_safe(value):

@@ -10,9 +10,9 @@ import pandas as pd
 from pipeline.evaluation.agreement import HUMAN
 from pipeline.evaluation.gating import CHANGE_MEASURE, SWEEP_MEASURES
 from pipeline.evaluation.gating import METHOD as GATED
+from pipeline.evaluation.outputs import pyplot
 from pipeline.evaluation.randomisation import REFERENCE
 from pipeline.viz.overlay import overlay, token_colours
-from pipeline.viz.plots import pyplot
 
 
 def rank_correlation_figure(table: pd.DataFrame, references: list[str], resolution: int,
