@@ -21,6 +21,7 @@ file, composed exactly as DVC composes it for ``dvc exp run -S``.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import logging
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.data.errors import DataError
 
@@ -322,10 +323,6 @@ def replicate_config(cfg: DictConfig, seed: int) -> DictConfig:
     ``*_replicate`` stages name the same places as their outputs (tests/test_replicates.py checks
     that the two agree). Every other setting, the data and the backbone included, is the main
     run's."""
-    import copy
-
-    from omegaconf import open_dict
-
     seed = int(seed)
     out = copy.deepcopy(cfg)
     with open_dict(out):

@@ -87,14 +87,16 @@ def load_image_maps(cfg, model: str, method: str, index: dict | None = None) -> 
 
 
 def score_run(cfg, models: list[str], references: dict[str, dict], boot: dict,
-              question_ids: dict[str, list[int]] | None = None) -> tuple[list[dict], list[tuple]]:
+              question_ids: dict[str, list[int]] | None = None,
+              indexes: dict[str, dict] | None = None) -> tuple[list[dict], list[tuple]]:
     """Rows (model, method, reference, summary, counts) and per-question scores of every method
     with an image map in every model's store of one training run (``cfg``: the main run's or a
-    replicate's). ``question_ids``, when given, are the main run's: a replicate's store must hold
-    the same questions in the same order."""
+    replicate's; ``indexes``: its stores' indexes when already loaded). ``question_ids``, when
+    given, are the main run's: a replicate's store must hold the same questions in the same
+    order."""
     rows, scores = [], []
     for model in models:
-        index = inputs.load_store(cfg, model)
+        index = indexes[model] if indexes is not None else inputs.load_store(cfg, model)
         ids = [int(q["question_id"]) for q in index["questions"]]
         if question_ids is not None and ids != question_ids[model]:
             raise DataError(f"the attribution store of {model} covers other questions than the main "
@@ -140,7 +142,7 @@ def run(cfg: DictConfig) -> dict:
     answer_types = {m: [str(q.get("answer_type", "unknown")) for q in indexes[m]["questions"]]
                     for m in models}
     type_of = {q: t for m in models for q, t in zip(question_ids[m], answer_types[m])}
-    rows, scores = score_run(cfg, models, references, boot)
+    rows, scores = score_run(cfg, models, references, boot, indexes=indexes)
     for reference in references:
         rho, counts = score_humans(references[HUMAN], every_question,
                                    None if reference == HUMAN else references[reference])

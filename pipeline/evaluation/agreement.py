@@ -12,17 +12,10 @@ import pandas as pd
 from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.evaluation.stats import has_ties, is_constant, spearman_rows, summarise
 
-
 HUMAN = "human"
-
-
 GROUND_TRUTH = "ground_truth"
-
-
 SEED_COLUMNS = ["seeds", "seed_mean", "seed_sd", "seed_min", "seed_max", "beats_random_seeds",
                 "beats_random_every_seed"]
-
-
 BY_TYPE_COLUMNS = ["model", "method", "reference", "answer_type", "n", "mean", "ci_low", "ci_high",
                    "beats_random"]
 
@@ -237,7 +230,7 @@ def seed_spread(by_seed: pd.DataFrame) -> pd.DataFrame:
     for (model, method, reference), group in by_seed.groupby(["model", "method", "reference"], sort=False):
         means = group["mean"].to_numpy(dtype=np.float64)
         means = means[np.isfinite(means)]
-        verdicts = [v for v in group["beats_random"]]
+        verdicts = list(group["beats_random"])
         decided = [v for v in verdicts if isinstance(v, (bool, np.bool_))]
         every = "" if method == RANDOM or len(decided) < len(verdicts) else bool(all(decided))
         rows.append({"model": model, "method": method, "reference": reference,
