@@ -31,15 +31,15 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution import explain, explain_options
 from pipeline.attribution.store import SHARDS, explanation_arrays, in_image_order, merge_shards, write_shard
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.answers import vqa_accuracy
 from pipeline.data.images import ImageTransform
 from pipeline.data.vocab import pad_token_ids
 from pipeline.data.vqa_format import load_image
-from pipeline.io import write_json
+from pipeline.common.files import write_json
 from pipeline.models import load_trained_model
-from pipeline.seeding import seed_everything
+from pipeline.common.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -49,12 +49,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.config import stage_main
+from pipeline.common.config import stage_main
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import bootstrap_settings, json_safe, markdown_table, publish
 from pipeline.evaluation.slope import evidence_slope, summarise_model
 from pipeline.models import load_trained_model
-from pipeline.seeding import seed_everything
+from pipeline.common.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -32,14 +32,14 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.download import sha256_file
 from pipeline.data.errors import MissingDataError
 from pipeline.data.feature_store import (FC7_FILE, GRID_FILE, INDEX_FILE, POOLED_FILE,
                                          FeatureStoreWriter, store_dtype)
 from pipeline.data.images import ImageFolderDataset, ImageTransform
-from pipeline.io import write_json
+from pipeline.common.files import write_json
 from pipeline.models.backbones import Backbone, build_backbone
 
 log = logging.getLogger(__name__)

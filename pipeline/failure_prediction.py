@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from pipeline.config import stage_main
+from pipeline.common.config import stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.failure import balanced_accuracy, out_of_fold_scores, roc_auc, roc_auc_ci

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution import explain_options
 from pipeline.attribution.base import method_score, upsample_maps
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform

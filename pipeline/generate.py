@@ -20,10 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data.errors import DataError
 from pipeline.data.synthetic import generate_world
-from pipeline.io import atomic_directory, read_json, write_json
+from pipeline.common.files import atomic_directory, read_json, write_json
 
 log = logging.getLogger(__name__)
 

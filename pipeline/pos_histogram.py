@@ -39,7 +39,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish

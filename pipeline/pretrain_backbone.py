@@ -24,17 +24,17 @@ import logging
 
 from omegaconf import DictConfig
 
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data.download import sha256_file
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.synthetic import load_ground_truth
-from pipeline.io import save_torch, write_json
+from pipeline.common.files import save_torch, write_json
 from pipeline.models.backbones import SceneResNet, build_backbone, find_resnet152_weights
 from pipeline.models.pretraining import (CELL_LABELS, COUNT_LABELS, NUM_CELL_LABELS,
                                          NUM_LABELS, PRESENCE_LABELS, load_split_tensors,
                                          pretrain, pretrain_fc)
-from pipeline.seeding import seed_everything
+from pipeline.common.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

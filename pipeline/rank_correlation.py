@@ -57,7 +57,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.config import replicate_config, stage_main, training_seeds
+from pipeline.common.config import replicate_config, stage_main, training_seeds
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.agreement import (GROUND_TRUTH, HUMAN, SEED_COLUMNS, all_questions_mean, beats_random_flags,

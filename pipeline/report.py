@@ -29,11 +29,11 @@ import time
 
 from omegaconf import DictConfig
 
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.evaluation.outputs import publish
 from pipeline.evaluation.published import PUBLISHED
 from pipeline.evaluation.report.sections import Assembled, build_readme
-from pipeline.io import atomic_directory, write_text
+from pipeline.common.files import atomic_directory, write_text
 from pipeline.viz.gallery import build_gallery, gallery_html
 
 log = logging.getLogger(__name__)

@@ -43,14 +43,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.attribution import explain, explain_options
-from pipeline.config import stage_main
+from pipeline.common.config import stage_main
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs, randomisation
 from pipeline.evaluation.randomisation import REFERENCE
 from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
 from pipeline.evaluation.stats import summarise
 from pipeline.models import load_trained_model
-from pipeline.seeding import seed_everything
+from pipeline.common.seeding import seed_everything
 from pipeline.viz.figures import sanity_figure
 
 log = logging.getLogger(__name__)

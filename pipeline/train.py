@@ -25,15 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.datamodule import VQADataModule
-from pipeline.io import write_json
+from pipeline.common.files import write_json
 from pipeline.models.backbones import build_backbone
 from pipeline.models.checkpoint import model_metadata, save_model, trained_model_path, train_metrics_path
 from pipeline.models.lightning import ANSWER_TYPE_KEYS, VQALightningModule
 from pipeline.models.vqa_model import VQAModel, head_feature_kind
-from pipeline.seeding import seed_everything
+from pipeline.common.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

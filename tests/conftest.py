@@ -89,7 +89,7 @@ def trained_world(tmp_path_factory):
     """A tiny world carried through prepare, pretrain_backbone, extract_features and training of
     both models (a couple of epochs: enough for non-trivial maps, not for accuracy)."""
     from pipeline import extract_features, pretrain_backbone, prepare, train
-    from pipeline.config import compose
+    from pipeline.common.config import compose
 
     root = tmp_path_factory.mktemp("trained")
     cfg = compose([*TINY_PIPELINE, f"paths.root={root}"])
@@ -108,7 +108,7 @@ def explained_world(trained_world):
     ``<root>/attributions/synthetic_tiny/<model>``). Evaluation stages read it; tests that need
     to change it must copy it first."""
     from pipeline import attribute
-    from pipeline.config import compose
+    from pipeline.common.config import compose
 
     for name in ("lstm_cnn", "mlb"):
         attribute.run(compose([*TINY_PIPELINE, f"paths.root={trained_world}", f"model={name}"]))
@@ -117,7 +117,7 @@ def explained_world(trained_world):
 
 def evaluation_config(root, *overrides):
     """The evaluation stages' config on a world made by the fixtures above."""
-    from pipeline.config import compose
+    from pipeline.common.config import compose
 
     return compose([*TINY_PIPELINE, f"paths.root={root}", *overrides])
 

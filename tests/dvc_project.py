@@ -90,7 +90,7 @@ def make_project(path: Path, preset: str = TINY_PRESET, commit: bool = True) -> 
     dvc(path, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")
     # `make params`, in the copy (python -m runs the copy's pipeline package)
-    run(path, sys.executable, "-m", "pipeline.config")
+    run(path, sys.executable, "-m", "pipeline.common.config")
     if commit:
         git(path, "add", "-A")
         git(path, "commit", "-qm", "project")

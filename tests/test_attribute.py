@@ -10,7 +10,7 @@ import pytest
 from pipeline import attribute
 from pipeline.attribution import store
 from pipeline.attribution.base import METHODS, Explanation
-from pipeline.config import compose
+from pipeline.common.config import compose
 from pipeline.data.errors import DataError
 from tests.conftest import TINY_PIPELINE
 

@@ -4,7 +4,7 @@ import torch
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam
 
 from pipeline.attribution import available_methods, explain
-from pipeline.bench import ImageOnly, ImageOnlyProbabilities  # the model as a function of the pixels, as Captum expects
+from pipeline.benchmarks.attribution import ImageOnly, ImageOnlyProbabilities  # the model as a function of the pixels, as Captum expects
 from tests.test_models import tiny_model
 
 QUESTIONS = ["what color is the circle", "how many squares", "what"]

@@ -9,7 +9,7 @@ from captum.attr import (GuidedBackprop, GuidedGradCam, IntegratedGradients, Lay
                          LayerGradCam, LayerIntegratedGradients)
 
 from pipeline.attribution import explain
-from pipeline.bench import ImageOnly, ImageOnlyProbabilities, load_questions
+from pipeline.benchmarks.attribution import ImageOnly, ImageOnlyProbabilities, load_questions
 from pipeline.models import load_model
 from tests.conftest import evaluation_config
 from tests.test_attribution_fusion import hadamard_by_hand

@@ -8,8 +8,8 @@ import torch
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam
 
 from pipeline.attribution import explain
-from pipeline.bench import TARGETS, ImageOnly, ImageOnlyProbabilities, format_table, measure
-from pipeline.io import write_json
+from pipeline.benchmarks.attribution import TARGETS, ImageOnly, ImageOnlyProbabilities, format_table, measure
+from pipeline.common.files import write_json
 from tests.test_attribution_occlusion import captum_occlusion, sensitive_model
 
 QUESTIONS = ["what color is the circle", "how many squares"]
@@ -106,7 +106,7 @@ def test_measure_reports_every_key_and_agrees_with_captum(tmp_path):
 
 
 def test_interleaved_timing_runs_every_computation_in_each_round():
-    from pipeline.bench import timed_interleaved
+    from pipeline.benchmarks.attribution import timed_interleaved
 
     calls = []
     out = timed_interleaved({"a": lambda: calls.append("a") or 1, "b": lambda: calls.append("b") or 2},
@@ -120,8 +120,8 @@ def test_interleaved_timing_runs_every_computation_in_each_round():
 def test_defaults_are_the_config_files_values():
     from omegaconf import OmegaConf
 
-    from pipeline.bench import DEFAULTS, RESNET152_DEFAULTS
-    from pipeline.config import CONF_DIR, compose
+    from pipeline.benchmarks.attribution import DEFAULTS, RESNET152_DEFAULTS
+    from pipeline.common.config import CONF_DIR, compose
 
     assert OmegaConf.to_container(OmegaConf.load(CONF_DIR / "bench" / "default.yaml")) == DEFAULTS
     assert OmegaConf.to_container(compose().bench) == DEFAULTS
@@ -129,15 +129,15 @@ def test_defaults_are_the_config_files_values():
 
 
 def test_captum_is_imported_only_when_used_and_named_as_the_test_extra(monkeypatch):
-    """Captum is a test extra: importing pipeline.bench does not need it; a comparison without it
+    """Captum is a test extra: importing pipeline.benchmarks.attribution does not need it; a comparison without it
     says how to install it."""
     import subprocess
     import sys
 
-    code = "import sys, pipeline.bench; print('captum' in sys.modules)"
+    code = "import sys, pipeline.benchmarks.attribution; print('captum' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                           text=True).stdout.strip() == "False"
-    from pipeline import bench
+    from pipeline.benchmarks import attribution as bench, resnet152
 
     monkeypatch.setitem(sys.modules, "captum.attr", None)  # import captum.attr fails
     with pytest.raises(ImportError, match=r"pip install -e '\.\[test\]'"):
@@ -147,8 +147,8 @@ def test_captum_is_imported_only_when_used_and_named_as_the_test_extra(monkeypat
 def test_feature_store_benchmark_is_a_hydra_stage_with_its_settings_in_the_config(tmp_path):
     """bench.feature_store's settings, tiny: both stores measured, the report written to
     paths.metrics_dir."""
-    from pipeline import bench_feature_store
-    from pipeline.config import compose
+    from pipeline.benchmarks import feature_store as bench_feature_store
+    from pipeline.common.config import compose
 
     cfg = compose([f"paths.root={tmp_path}", "bench.feature_store.rows=16",
                    "bench.feature_store.scale=2", "bench.feature_store.grid=[4,2,2]",
@@ -165,8 +165,8 @@ def test_resnet152_entry_times_extraction_and_every_method_and_projects(tmp_path
     """The ``resnet152`` entry run alone, small (64 px, tiny heads, three methods): every figure
     is there, the projection is its stated sum, the rest of bench.json is kept, and without any
     weights the random initialisation is labelled as timing only."""
-    from pipeline import bench
-    from pipeline.config import compose
+    from pipeline.benchmarks import attribution as bench, resnet152
+    from pipeline.common.config import compose
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no weights anywhere
     metrics = tmp_path / "reports" / "metrics"
@@ -182,7 +182,7 @@ def test_resnet152_entry_times_extraction_and_every_method_and_projects(tmp_path
     saved = json.loads((metrics / "bench.json").read_text())
     assert saved["model"] == "mlb" and saved["ms_per_question"] == {"baseline": 1.0}  # kept
     entry = saved["resnet152"]
-    assert entry["weights"] == bench.RANDOM_INIT_LABEL == "random-init weights (timing only)"
+    assert entry["weights"] == resnet152.RANDOM_INIT_LABEL == "random-init weights (timing only)"
     assert entry["weights_kind"] == "random-init" and "random" in entry["notes"]["weights"]
     assert entry["grid_shape"] == [2048, 2, 2] and entry["input_size"] == 64
     assert entry["threads"] == 1 and entry["extract_batch_size"] == 2
@@ -209,23 +209,23 @@ def test_resnet152_entry_times_extraction_and_every_method_and_projects(tmp_path
 def test_resnet152_entry_weights_come_from_the_config_then_the_hub_cache(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from pipeline import bench
+    from pipeline.benchmarks import attribution as bench, resnet152
     from pipeline.models import backbones, random_init
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(random_init, "random_init_resnet152_state_dict", lambda seed=0: {"random": seed})
     cfg = OmegaConf.create({"seed": 3, "backbone": {"name": "scene_resnet", "weights": "unused.pt"}})
     r = dict(bench.RESNET152_DEFAULTS)
-    assert bench.resnet152_weights(cfg, r) == ({"random": 3}, "random-init", bench.RANDOM_INIT_LABEL)
+    assert resnet152.resnet152_weights(cfg, r) == ({"random": 3}, "random-init", resnet152.RANDOM_INIT_LABEL)
     hub = tmp_path / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     torch.save({"w": torch.ones(1)}, hub / backbones.RESNET152_HUB_FILES[0])
-    state, kind, where = bench.resnet152_weights(cfg, r)
+    state, kind, where = resnet152.resnet152_weights(cfg, r)
     assert kind == "hub cache" and where == str(hub / backbones.RESNET152_HUB_FILES[0])
     own = tmp_path / "own.pth"
     torch.save({"w": torch.zeros(1)}, own)
     cfg.backbone = {"name": "resnet152", "weights": str(own)}
-    assert bench.resnet152_weights(cfg, r)[1:] == ("file", str(own))
+    assert resnet152.resnet152_weights(cfg, r)[1:] == ("file", str(own))
     r["weights"] = str(tmp_path / "missing.pth")  # a file the user names must exist
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        bench.resnet152_weights(cfg, r)
+        resnet152.resnet152_weights(cfg, r)

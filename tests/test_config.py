@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import compose, set_threads
+from pipeline.common.config import compose, set_threads
 
 
 @pytest.fixture

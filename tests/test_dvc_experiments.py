@@ -16,7 +16,7 @@ import pytest
 import yaml
 from dvc.repo import Repo
 
-from pipeline.config import write_params
+from pipeline.common.config import write_params
 from pipeline.data.download import sha256_file
 from tests.conftest import TINY_PIPELINE
 from tests.dvc_project import dvc, git, make_project, tiny_real_preset
@@ -32,7 +32,7 @@ def world(tmp_path_factory):
     """The tiny synthetic world's raw files (VQA v2 layout) and a scene_resnet pretrained on it,
     made outside any project, as a user's files on disk."""
     from pipeline import generate, pretrain_backbone
-    from pipeline.config import compose
+    from pipeline.common.config import compose
 
     root = tmp_path_factory.mktemp("world")
     cfg = compose([*TINY_PIPELINE, f"paths.root={root}"])
@@ -154,7 +154,7 @@ def test_set_param_on_every_group_reruns_exactly_the_stages_that_read_it(recorde
     for setting, expected in SET_PARAMS.items():
         params = queue_with(project, setting)
         # the queued experiment's params.yaml: conf/ composed with the -S value, byte for byte
-        # what `python -m pipeline.config <setting>` writes
+        # what `python -m pipeline.common.config <setting>` writes
         write_params(tmp_path / "ours.yaml", [setting], conf_dir=project / "conf")
         assert (tmp_path / "ours.yaml").read_text() == params, setting
         key, value = setting.split("=")

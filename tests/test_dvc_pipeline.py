@@ -11,7 +11,7 @@ import yaml
 from dvc.repo import Repo
 from omegaconf import OmegaConf
 
-from pipeline.config import composed_params, write_params
+from pipeline.common.config import composed_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_MODEL = ("train", "attribute")

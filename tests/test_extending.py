@@ -13,7 +13,7 @@ from captum.attr import LayerGradientXActivation
 from pipeline import attribute, rank_correlation, train
 from pipeline.attribution import explain
 from pipeline.attribution.base import METHODS
-from pipeline.config import compose
+from pipeline.common.config import compose
 from pipeline.evaluation import inputs
 from pipeline.models import load_trained_model, vqa_model
 from tests.conftest import TINY_PIPELINE

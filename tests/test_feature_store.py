@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline import extract_features, prepare
-from pipeline.config import compose
+from pipeline.common.config import compose
 from pipeline.data import processed
 from pipeline.data.errors import DataError, MissingDataError
 from pipeline.data.feature_store import (PROGRESS_FILE, FeatureStore, FeatureStoreWriter,
@@ -324,7 +324,7 @@ def test_extraction_refuses_non_finite_features(world, tmp_path, monkeypatch, co
         FeatureStore.open(features_dir, "train")
 
     # The stage's exit: the message and exit code 2, as for any bad input.
-    from pipeline.config import stage_main
+    from pipeline.common.config import stage_main
 
     with pytest.raises(SystemExit) as exit_info:
         with monkeypatch.context() as patch:

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from pipeline import gating_study
 from pipeline.attribution import explain
 from pipeline.attribution.probe import Probe
-from pipeline.config import abspath
+from pipeline.common.config import abspath
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform

@@ -1,4 +1,4 @@
-"""params.yaml and params mode (pipeline/config.py): `python -m pipeline.config` writes the
+"""params.yaml and params mode (pipeline/common/config.py): `python -m pipeline.common.config` writes the
 composition of conf/ as DVC composes it, and `python -m pipeline.<stage> params=params.yaml`
 runs a stage on that file (what dvc.yaml does), selecting models.<name> for `model=<name>`."""
 import json
@@ -11,7 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.config import ParamsMode, composed_params, write_params
+from pipeline.common.config import ParamsMode, composed_params, write_params
 from pipeline.data.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_write_params_is_dvc_s_composition(tmp_path):
 
 def test_the_config_command_checks_and_writes_the_file(tmp_path):
     out = tmp_path / "params.yaml"
-    command = [sys.executable, "-m", "pipeline.config", "-o", str(out)]
+    command = [sys.executable, "-m", "pipeline.common.config", "-o", str(out)]
     assert subprocess.run([*command, "--check"], capture_output=True).returncode == 1  # missing
     assert subprocess.run([*command, "seed=3"], capture_output=True).returncode == 0
     assert yaml.safe_load(out.read_text())["seed"] == 3
@@ -116,7 +116,7 @@ def test_a_stage_runs_in_params_mode(tmp_path):
 
 def test_prepare_reads_a_world_generated_before_and_refuses_a_stale_one(tmp_path):
     from pipeline import generate, prepare
-    from pipeline.config import compose
+    from pipeline.common.config import compose
 
     overrides = ["data=synthetic_tiny", f"paths.root={tmp_path}"]
     generate.run(compose(overrides))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline import pos_histogram
-from pipeline.config import abspath
+from pipeline.common.config import abspath
 from pipeline.data import processed, synthetic
 from pipeline.data.errors import DataError
 from pipeline.data.vocab import tokenize

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline import generate, prepare
-from pipeline.config import compose
+from pipeline.common.config import compose
 from pipeline.data import processed
 from pipeline.data.errors import DataError, MissingDataError
 

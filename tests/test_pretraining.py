@@ -87,7 +87,7 @@ def test_run_returns_the_metrics_it_writes_for_resnet152(tmp_path):
     import json
 
     from pipeline import pretrain_backbone
-    from pipeline.config import compose
+    from pipeline.common.config import compose
 
     weights = tmp_path / "resnet152.pth"
     weights.write_bytes(b"not read")

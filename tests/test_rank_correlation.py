@@ -12,7 +12,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from pipeline import rank_correlation
-from pipeline.config import abspath
+from pipeline.common.config import abspath
 from pipeline.data.errors import DataError
 from pipeline.evaluation import agreement, inputs, outputs
 from tests.conftest import evaluation_config

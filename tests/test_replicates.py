@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tests.conftest import TINY_PIPELINE
 from pipeline import attribute, rank_correlation, report, train
 from pipeline.evaluation.report import header
-from pipeline.config import (REPLICATE_PATHS, ParamsMode, as_replicate, compose, replicate_config,
+from pipeline.common.config import (REPLICATE_PATHS, ParamsMode, as_replicate, compose, replicate_config,
                              training_seeds, write_params)
 from pipeline.data.errors import DataError
 

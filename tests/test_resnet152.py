@@ -22,8 +22,8 @@ from pipeline import (attribute, extract_features, prepare, pretrain_backbone, r
                       train)
 from pipeline.attribution import explain
 from pipeline.attribution.store import load_index, load_method
-from pipeline.bench import ImageOnly, ImageOnlyProbabilities
-from pipeline.config import compose
+from pipeline.benchmarks.attribution import ImageOnly, ImageOnlyProbabilities
+from pipeline.common.config import compose
 from pipeline.data.feature_store import FeatureStore
 from pipeline.evaluation.inputs import question_batch
 from pipeline.models import load_trained_model

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 
 from pipeline import sanity_check
 from pipeline.attribution import explain
-from pipeline.config import abspath
+from pipeline.common.config import abspath
 from pipeline.data import processed
 from pipeline.evaluation import inputs, outputs, randomisation
 from pipeline.evaluation.outputs import tables_dir

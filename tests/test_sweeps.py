@@ -60,7 +60,7 @@ def job_folders(sweep: Path) -> dict[str, Path]:
 def upstream(tmp_path_factory):
     """A main run of the tiny world up to the feature store, under its own root."""
     from pipeline import extract_features, prepare, pretrain_backbone
-    from pipeline.config import compose
+    from pipeline.common.config import compose
 
     root = tmp_path_factory.mktemp("main")
     cfg = compose([*TINY_PIPELINE, f"paths.root={root}"])

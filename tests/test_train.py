@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import TINY_PIPELINE
 from pipeline import extract_features, pretrain_backbone, prepare, train
-from pipeline.config import compose
+from pipeline.common.config import compose
 from pipeline.data import processed
 from pipeline.data.feature_store import FeatureStore
 from pipeline.data.images import ImageTransform

@@ -27,7 +27,7 @@ import torch
 
 from pipeline.attribution.base import Explanation
 from pipeline.data.errors import DataError
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.common.files import atomic_path, read_json, write_json
 
 INDEX = "index.json"
 SHARDS = ".shards"

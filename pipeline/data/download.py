@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from pipeline.data.errors import DataError, MissingDataError
-from pipeline.io import read_json, write_json
+from pipeline.common.files import read_json, write_json
 
 __all__ = [
     "Resource",

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.io import write_json
+from pipeline.common.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from pipeline.data.errors import DataError, MissingDataError
-from pipeline.io import read_json, replace_directory, write_json
+from pipeline.common.files import read_json, replace_directory, write_json
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pipeline.data.errors import DataError
 from pipeline.data.vocab import AnswerVocab, QuestionVocab
-from pipeline.io import read_json
+from pipeline.common.files import read_json
 
 
 def questions_file(processed_dir: Path, split_key: str) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from pipeline.io import read_json, write_json
+from pipeline.common.files import read_json, write_json
 
 if TYPE_CHECKING:
     import torch

@@ -16,7 +16,7 @@ import torch.nn.functional as nnf
 from PIL import Image
 
 from pipeline.attribution import store
-from pipeline.config import abspath
+from pipeline.common.config import abspath
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.data.vocab import pad_token_ids
@@ -38,7 +38,7 @@ def attribution_dir(cfg, model: str) -> Path:
 
 def rerun_attribute(cfg, model: str) -> str:
     """How to write ``model``'s attribution store again: the command and the DVC stage (the
-    replicate's when ``cfg`` is a training-seed replicate's, pipeline.config.replicate_config)."""
+    replicate's when ``cfg`` is a training-seed replicate's, pipeline.common.config.replicate_config)."""
     replicate = cfg.get("replicate")
     if replicate is None:
         return f"rerun `python -m pipeline.attribute model={model}` (stage attribute@{model})"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import abspath
-from pipeline.io import atomic_path, write_json, write_text
+from pipeline.common.config import abspath
+from pipeline.common.files import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pipeline.data.errors import DataError
 from pipeline.data.vocab import AnswerVocab, QuestionVocab
-from pipeline.io import save_torch
+from pipeline.common.files import save_torch
 from pipeline.models.backbones import ResNet152, SceneResNet, build_backbone
 from pipeline.models.vqa_model import VQAModel, build_head, head_feature_kind
 
@@ -142,7 +142,7 @@ def load_trained_model(cfg, name: str) -> VQAModel:
     """What every stage that explains a trained model starts from: ``models/<name>/model.pt``
     checked against the processed data's vocabularies, in eval mode, its backbone in
     channels-last format when ``backbone.channels_last`` is set."""
-    from pipeline.config import abspath
+    from pipeline.common.config import abspath
     from pipeline.data import processed
 
     question_vocab, answer_vocab = processed.load_vocabs(abspath(cfg.paths.processed_dir))
@@ -155,7 +155,7 @@ def load_trained_model(cfg, name: str) -> VQAModel:
 
 def trained_model_path(cfg, name: str) -> Path:
     """Where the train stage exports model ``name``: ``${paths.models_dir}/<name>/model.pt``."""
-    from pipeline.config import abspath
+    from pipeline.common.config import abspath
 
     return abspath(cfg.paths.models_dir) / name / "model.pt"
 
@@ -163,7 +163,7 @@ def trained_model_path(cfg, name: str) -> Path:
 def train_metrics_path(cfg, name: str) -> Path:
     """The train stage's metrics of model ``name``: one file per model in one folder, which the
     report stage depends on as a whole (so a new model needs no edit of dvc.yaml)."""
-    from pipeline.config import abspath
+    from pipeline.common.config import abspath
 
     return abspath(cfg.paths.metrics_dir) / "train" / f"{name}.json"
 

@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.config import abspath
+from pipeline.common.config import abspath
 from pipeline.data import processed
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
-from pipeline.io import atomic_path
+from pipeline.common.files import atomic_path
 from pipeline.viz.overlay import display_image, overlay, tokens_html
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.synthetic.scenes import Scene
-from pipeline.io import read_json
+from pipeline.common.files import read_json
 
 
 def _load_png(path: Path) -> np.ndarray:

@@ -33,7 +33,7 @@ from pipeline.data.synthetic.scenes import (
     render_scene,
 )
 from pipeline.data.vqa_format import ANSWER_TYPES, annotation_file, coco_image_path, question_file
-from pipeline.io import write_json, write_text
+from pipeline.common.files import write_json, write_text
 
 # Image ids of the i-th split start at i * IMAGE_ID_STRIDE + 1 (train 1.., val 1_000_001..);
 # question ids are image_id * QUESTION_ID_STRIDE + k, as in VQA v2.

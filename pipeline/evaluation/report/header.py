@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.config import abspath, replicate_config, training_seeds
+from pipeline.common.config import abspath, replicate_config, training_seeds
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import markdown_table
 from pipeline.evaluation.report.assets import missing
 from pipeline.evaluation.report.prose import prose
-from pipeline.io import read_json
+from pipeline.common.files import read_json
 from pipeline.models.checkpoint import train_metrics_path
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline.attribution.methods.gradcam_counterfactual import NAME as COUNTERFACTUAL
 from pipeline.attribution.methods.random import NAME as RANDOM
-from pipeline.config import abspath
+from pipeline.common.config import abspath
 from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import markdown_table, tables_dir

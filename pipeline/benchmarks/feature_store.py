@@ -1,6 +1,6 @@
 """Benchmark: does training from the feature store use memory independent of the store's size?
 
-    python -m pipeline.bench_feature_store [bench.feature_store.rows=2700]
+    python -m pipeline.benchmarks.feature_store [bench.feature_store.rows=2700]
         [bench.feature_store.scale=10] [bench.feature_store.grid=[128,8,8]]
         [bench.feature_store.batch_size=64] [bench.feature_store.workdir=DIR]
 
@@ -33,9 +33,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.config import abspath, stage_main
+from pipeline.common.config import abspath, stage_main
 from pipeline.data.feature_store import FeatureStore, FeatureStoreWriter
-from pipeline.io import write_json
+from pipeline.common.files import write_json
 
 NUM_CLASSES = 32
 # Random rows are generated and written this many bytes (float32) at a time.
@@ -94,7 +94,7 @@ def train_one_epoch(store_dir: Path, batch_size: int, seed: int) -> dict:
 
 
 # What each measuring subprocess runs: one epoch over the store, its measurement as JSON.
-EPOCH_CODE = ("import sys; from pipeline.bench_feature_store import epoch_main; "
+EPOCH_CODE = ("import sys; from pipeline.benchmarks.feature_store import epoch_main; "
               "epoch_main(sys.argv[1:])")
 
 

@@ -1,7 +1,7 @@
 """Atomic outputs: a write that fails half-way leaves the previous complete output (or none)."""
 import pytest
 
-from pipeline.io import atomic_directory, atomic_path, read_json, write_json
+from pipeline.common.files import atomic_directory, atomic_path, read_json, write_json
 
 
 class Killed(Exception):
@@ -49,7 +49,7 @@ def test_saved_weights_are_byte_identical_run_to_run(tmp_path):
     so DVC sees an unchanged output when a stage reproduces its weights exactly."""
     import torch
 
-    from pipeline.io import save_torch
+    from pipeline.common.files import save_torch
 
     state = {"w": torch.arange(6.0).view(2, 3), "meta": [1, 2]}
     first = save_torch(state, tmp_path / "a" / "weights.pt").read_bytes()

@@ -8,14 +8,14 @@ Two ways to run a stage:
   overrides, as any Hydra app (multirun included);
 - **params mode**: ``python -m pipeline.train params=params.yaml model=lstm_cnn`` reads the
   stage's config from ``params.yaml`` instead: the whole composition of ``conf/``, every
-  interpolation resolved, as ``python -m pipeline.config`` (``make params``) or
+  interpolation resolved, as ``python -m pipeline.common.config`` (``make params``) or
   ``dvc exp run -S`` (DVC's own Hydra composition, ``.dvc/config``) wrote it. ``dvc.yaml``
   runs every stage this way, so an experiment's ``-S`` values reach the stages. ``model=<name>``
   there selects ``models.<name>`` of the file as ``cfg.model``; other ``key=value`` overrides
   apply on top of the file; group choices (``data=...``) belong in the file, not here.
   Hydra still sets up the log and the run folder from ``conf/hydra``.
 
-``python -m pipeline.config [overrides] [-o params.yaml] [--check]`` writes (or checks) the
+``python -m pipeline.common.config [overrides] [-o params.yaml] [--check]`` writes (or checks) the
 file, composed exactly as DVC composes it for ``dvc exp run -S``.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.data.errors import DataError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_NAME = "config"
 PARAMS_FILE = "params.yaml"
 PARAMS_ARG = "params"
@@ -65,7 +65,7 @@ def write_params(path: str | Path = PARAMS_FILE, overrides: Sequence[str] = (),
     from dvc.utils.hydra import compose_and_dump
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.io import atomic_path
+    from pipeline.common.files import atomic_path
 
     conf_dir = Path(conf_dir).resolve()
     path = Path(path)
@@ -117,7 +117,7 @@ def stale_params_message(params_path: str | Path, params: dict | None = None) ->
     shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
     return (f"{params_path} differs from a fresh composition of conf/ at {shown}. That is expected "
             "in a DVC experiment (`dvc exp run -S`); if you edited conf/, run `make params` "
-            "(python -m pipeline.config) so that the stages see the edit.")
+            "(python -m pipeline.common.config) so that the stages see the edit.")
 
 
 # --- params mode ------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ class ParamsMode:
 
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"no params file: write it with `python -m pipeline.config -o {path}` "
+            raise DataError(f"no params file: write it with `python -m pipeline.common.config -o {path}` "
                             "(make params)", path)
         from hydra._internal.utils import get_args_parser
 
@@ -164,7 +164,7 @@ class ParamsMode:
             elif name in groups or o.package is not None:
                 raise DataError(
                     f"`{o.input_line}` chooses a config group, which params mode takes from the "
-                    f"file: compose it in, e.g. `python -m pipeline.config {o.input_line}` or "
+                    f"file: compose it in, e.g. `python -m pipeline.common.config {o.input_line}` or "
                     f"`dvc exp run -S {o.input_line}`", path)
             else:
                 keys.append(o)
@@ -372,11 +372,11 @@ def abspath(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
-# --- python -m pipeline.config ----------------------------------------------------------------
+# --- python -m pipeline.common.config ----------------------------------------------------------------
 
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.config",
+        prog="python -m pipeline.common.config",
         description="Write params.yaml: conf/ composed with the overrides and resolved, as DVC "
                     "composes it for `dvc exp run -S` (dvc.yaml's stages read it).")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=vqa_v2 seed=1")
