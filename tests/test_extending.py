@@ -136,3 +136,80 @@ def test_readme_model_trains_and_every_method_explains_it(trained_world, readme_
     table = pd.DataFrame(rank_correlation.run(cfg)["table"])
     scored = set(table[(table.model == "bow_cnn") & (table.reference == "ground_truth")].method)
     assert scored == set(ALL_METHODS) - {"attention"}
+
+
+@pytest.fixture
+def readme_stage():
+    """The README's evaluation stage module, executed."""
+    namespace: dict = {"__name__": "map_concentration"}
+    exec(compile(readme_blocks("A new evaluation stage", "python")[0], "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_readme_evaluation_stage_runs_and_matches_a_plain_loop(explained_world, readme_stage, tmp_path):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from pipeline.evaluation.report import sections
+    from pipeline.evaluation.report.assets import TableSpec
+
+    setting = yaml.safe_load(readme_blocks("A new evaluation stage", "yaml")[0])
+    assert setting == {"map_concentration": {"share": 0.1}}
+    cfg = stage_config(explained_world, tmp_path, "evaluation.bootstrap.samples=100")
+    OmegaConf.set_struct(cfg, False)
+    cfg.evaluation.merge_with(setting)  # as if written to conf/evaluation/default.yaml
+    # Read the explained world's stores, write the reports under tmp_path.
+    cfg.paths.attributions_dir = str(explained_world / "attributions" / "synthetic_tiny")
+    table = readme_stage["run"](cfg)["table"]
+
+    # One row per model and method with an image map, from the stores' indexes.
+    expected_rows = []
+    for model in ("lstm_cnn", "mlb"):
+        index = inputs.load_store(cfg, model)
+        expected_rows += [(model, m) for m, info in index["methods"].items()
+                          if not info.get("skipped") and "image_map" in info["arrays"]]
+    assert sorted(zip(table.model, table.method)) == sorted(expected_rows)
+    assert len(expected_rows) > 10
+
+    # The means against a plain loop over the .npz files: top 10% of cells by a sort per map.
+    for model, method in [("mlb", "gradcam"), ("lstm_cnn", "occlusion"), ("mlb", "random")]:
+        with np.load(inputs.attribution_dir(cfg, model) / f"{method}.npz") as arrays:
+            maps, valid = arrays["image_map"], arrays["valid"]
+        shares = []
+        for m, ok in zip(maps, valid):
+            if not ok:
+                continue
+            cells = sorted((abs(float(v)) for v in m.ravel()), reverse=True)
+            top = max(1, round(0.1 * len(cells)))
+            shares.append(sum(cells[:top]) / max(sum(cells), 1e-12))
+        row = table[(table.model == model) & (table.method == method)].iloc[0]
+        assert row.n == len(shares)
+        assert row["mean"] == pytest.approx(np.mean(shares), rel=1e-6)
+        assert row.ci_low <= row["mean"] <= row.ci_high
+    # A uniform-random map spreads its mass; Grad-CAM's ReLU map concentrates it.
+    random_share = table[(table.model == "mlb") & (table.method == "random")]["mean"].iloc[0]
+    assert 0.1 < random_share < 0.3
+
+    # publish wrote the table and the metrics where the README's dvc.yaml entry declares them.
+    stage = yaml.safe_load(readme_blocks("A new evaluation stage", "yaml")[1])["map_concentration"]
+    assert stage["cmd"] == "python -m pipeline.map_concentration params=params.yaml"
+    declared = [next(iter(o)) for o in stage["outs"] + stage["metrics"]]
+    paths = {"${paths.reports_dir}": tmp_path / "reports", "${paths.metrics_dir}": tmp_path / "reports/metrics"}
+    for entry in declared:
+        prefix, rest = entry.split("/", 1)
+        assert (paths[prefix] / rest).is_file(), entry
+    written = {p.name for p in (tmp_path / "reports").rglob("map_concentration*")}
+    assert written == {Path(e).name for e in declared}
+    params = {p.split(".")[0] + "." + p.split(".")[1] for p in stage["params"]}
+    assert params <= {"evaluation.models", "evaluation.bootstrap", "evaluation.seed",
+                      "evaluation.map_concentration"}
+
+    # The report section, rendered from the table the stage wrote.
+    section = eval(readme_blocks("A new evaluation stage", "python")[1],
+                   {"Section": sections.Section, "TableSpec": TableSpec})
+    ctx = sections.Context(cfg, ["lstm_cnn", "mlb"], (), sections.Assembled())
+    section.read(ctx)
+    rendered = section.render(ctx)
+    assert rendered.startswith("## How concentrated the maps are")
+    assert "tables/map_concentration.md" in rendered and "gradcam" in rendered
+    assert ctx.assembled.tables == ["map_concentration"]
