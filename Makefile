@@ -31,10 +31,10 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -m "slow or not slow"
 
-# params.yaml is the composition of conf/ (python -m pipeline.config, the same composition DVC
+# params.yaml is the composition of conf/ (python -m pipeline.common.config, the same composition DVC
 # makes for `dvc exp run -S`): regenerated first, so that one edit of conf/ is all a change needs.
 params: install
-	$(BIN)/python -m pipeline.config
+	$(BIN)/python -m pipeline.common.config
 
 # Then the check that the run reproduced itself: a second look finds nothing to re-run
 # (fails if a stage's outputs or the lock changed under it).
@@ -49,4 +49,4 @@ clean-venv:
 # Our attribution methods against plain autograd and Captum, timed (reports/metrics/bench.json);
 # `make bench ARGS=bench.resnet152.enabled=true` adds the ResNet-152 entry (13-14 min here).
 bench: install
-	$(BIN)/python -m pipeline.bench $(ARGS)
+	$(BIN)/python -m pipeline.benchmarks.attribution $(ARGS)

@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -95,67 +95,72 @@ def _record_id(rec: object) -> object:
     return rec.get("question_id", "?") if isinstance(rec, dict) else "?"
 
 
-def load_questions(path: Path, policy: RecordPolicy) -> list[dict]:
-    """The ``questions`` list of a VQA question file: dicts with question_id, image_id, question."""
+def _parsed_records(path: Path, key: str, kind: str, policy: RecordPolicy,
+                    parse: Callable[[dict], tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+    """(question id, parsed record) for each entry of the ``key`` list of a VQA ``kind`` file
+    that ``parse`` accepts; an entry that is not an object, or that ``parse`` rejects with a
+    ValueError, is a bad ``kind`` record for ``policy`` (raised or skipped and counted)."""
     data = read_json_file(path)
-    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise DataError("not a VQA question file: expected an object with a 'questions' list", path)
-    out, seen = [], set()
-    for i, rec in enumerate(data["questions"]):
-        rid = _record_id(rec)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataError(f"not a VQA {kind} file: expected an object with a '{key}' list", path)
+    for i, rec in enumerate(data[key]):
         try:
             if not isinstance(rec, dict):
                 raise ValueError(f"entry {i} is not an object")
-            qid, iid = _int_field(rec, "question_id"), _int_field(rec, "image_id")
-            question = rec.get("question")
-            if not isinstance(question, str):
-                raise ValueError(f"field 'question' must be a string, got {question!r}")
-            if qid in seen:
-                raise ValueError("duplicate question_id")
+            parsed = parse(rec)
         except ValueError as e:
-            policy.bad("question", rid, str(e), path)
+            policy.bad(kind, _record_id(rec), str(e), path)
             continue
+        yield parsed
+
+
+def load_questions(path: Path, policy: RecordPolicy) -> list[dict]:
+    """The ``questions`` list of a VQA question file: dicts with question_id, image_id, question."""
+    seen: set[int] = set()
+
+    def parse(rec: dict) -> tuple[int, dict]:
+        qid, iid = _int_field(rec, "question_id"), _int_field(rec, "image_id")
+        question = rec.get("question")
+        if not isinstance(question, str):
+            raise ValueError(f"field 'question' must be a string, got {question!r}")
+        if qid in seen:
+            raise ValueError("duplicate question_id")
         seen.add(qid)
-        out.append({"question_id": qid, "image_id": iid, "question": question})
-    return out
+        return qid, {"question_id": qid, "image_id": iid, "question": question}
+
+    return [q for _, q in _parsed_records(path, "questions", "question", policy, parse)]
 
 
 def load_annotations(path: Path, policy: RecordPolicy) -> dict[int, dict]:
     """Annotations by question id, each with answer_type, question_type, answers (list of str)
     and multiple_choice_answer."""
-    data = read_json_file(path)
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise DataError("not a VQA annotation file: expected an object with an 'annotations' list", path)
     out: dict[int, dict] = {}
-    for i, rec in enumerate(data["annotations"]):
-        rid = _record_id(rec)
-        try:
-            if not isinstance(rec, dict):
-                raise ValueError(f"entry {i} is not an object")
-            qid, iid = _int_field(rec, "question_id"), _int_field(rec, "image_id")
-            answers = rec.get("answers")
-            if not isinstance(answers, list) or not answers:
-                raise ValueError("field 'answers' must be a non-empty list")
-            texts = []
-            for a in answers:
-                if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
-                    raise ValueError(f"malformed answer entry {a!r}")
-                texts.append(a["answer"])
-            answer_type = rec.get("answer_type", "")
-            if answer_type and answer_type not in ANSWER_TYPES:
-                raise ValueError(f"unknown answer_type {answer_type!r}")
-            if qid in out:
-                raise ValueError("duplicate question_id")
-        except ValueError as e:
-            policy.bad("annotation", rid, str(e), path)
-            continue
-        out[qid] = {
+
+    def parse(rec: dict) -> tuple[int, dict]:
+        qid, iid = _int_field(rec, "question_id"), _int_field(rec, "image_id")
+        answers = rec.get("answers")
+        if not isinstance(answers, list) or not answers:
+            raise ValueError("field 'answers' must be a non-empty list")
+        texts = []
+        for a in answers:
+            if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                raise ValueError(f"malformed answer entry {a!r}")
+            texts.append(a["answer"])
+        answer_type = rec.get("answer_type", "")
+        if answer_type and answer_type not in ANSWER_TYPES:
+            raise ValueError(f"unknown answer_type {answer_type!r}")
+        if qid in out:
+            raise ValueError("duplicate question_id")
+        return qid, {
             "image_id": iid,
             "question_type": str(rec.get("question_type", "")),
             "answer_type": answer_type,
             "answers": texts,
             "multiple_choice_answer": str(rec.get("multiple_choice_answer", "")),
         }
+
+    for qid, annotation in _parsed_records(path, "annotations", "annotation", policy, parse):
+        out[qid] = annotation
     return out
 
 
