@@ -44,7 +44,6 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution import explain, explain_options
 from pipeline.common.config import stage_main
-from pipeline.data.errors import DataError
 from pipeline.evaluation import inputs, randomisation
 from pipeline.evaluation.randomisation import REFERENCE
 from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish
@@ -170,16 +169,15 @@ def cascade(cfg, model_name: str, s, boot: dict) -> tuple[list[dict], dict]:
 
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    ev = cfg.evaluation
-    s, boot = ev.sanity_check, bootstrap_settings(cfg)
+    settings, boot = cfg.evaluation.sanity_check, bootstrap_settings(cfg)
     seed_everything(boot["seed"])
     rows, metrics = [], {"models": {}}
-    for model_name in ev.models:
-        model_rows, m = cascade(cfg, str(model_name), s, boot)
+    for model_name in cfg.evaluation.models:
+        model_rows, model_metrics = cascade(cfg, str(model_name), settings, boot)
         rows += model_rows
-        metrics["models"][str(model_name)] = m
+        metrics["models"][str(model_name)] = model_metrics
     table = pd.DataFrame(rows, columns=COLUMNS)
-    figure = sanity_figure(table, metrics, float(s.threshold))
+    figure = sanity_figure(table, metrics, float(settings.threshold))
     metrics = json_safe(metrics)
     summary = {f"{model}/{key}/{when}": value for model, m in metrics["models"].items()
                for key, v in m["correlation"].items() for when, value in v.items()}

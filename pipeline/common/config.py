@@ -24,7 +24,6 @@ import argparse
 import copy
 import functools
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field

@@ -200,7 +200,7 @@ def gallery_html(entries: list[GalleryEntry], title: str, note: str = "") -> str
 
 
 def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict[str, int]]:
-    g = cfg.evaluation.report.gallery
+    gallery = cfg.evaluation.report.gallery
     records = {r["question_id"]: r for r in processed.load_question_table(
         abspath(cfg.paths.processed_dir), str(cfg.evaluation.split))}
     data_root = abspath(cfg.data.root)
@@ -208,15 +208,15 @@ def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict
     for model in models:
         index = inputs.load_store(cfg, model)
         methods = inputs.methods_that_ran(index)
-        if g.methods is not None:
-            unknown = sorted(set(g.methods) - set(index["methods"]))
+        if gallery.methods is not None:
+            unknown = sorted(set(gallery.methods) - set(index["methods"]))
             if unknown:
                 raise DataError(f"evaluation.report.gallery.methods names {unknown}, which the store "
                                 f"of {model} does not have ({list(index['methods'])})",
                                 inputs.attribution_dir(cfg, model))
-            methods = [m for m in methods if m in set(g.methods)]
+            methods = [m for m in methods if m in set(gallery.methods)]
         position = {int(q["question_id"]): i for i, q in enumerate(index["questions"])}
-        sample = sample_questions(index["questions"], int(g.questions), int(cfg.evaluation.seed), model)
+        sample = sample_questions(index["questions"], int(gallery.questions), int(cfg.evaluation.seed), model)
         # Only the arrays the gallery draws (image map, validity, question map) of each method.
         arrays = {m: inputs.read_method(cfg, model, m, (), optional=("image_map", "valid", "question_map"),
                                         index=index) for m in methods}
@@ -235,6 +235,6 @@ def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict
             image = display_image(data_root, record["image"], size)
             maps = {m: {k: a[k][i] for k in a} for m, a in arrays.items()}
             entries.append(render_entry_images(out_dir, f"gallery/{model}", model, row, image, maps,
-                                               alpha=float(g.alpha), cmap=str(g.cmap)))
+                                               alpha=float(gallery.alpha), cmap=str(gallery.cmap)))
         counts[model] = len(sample)
     return entries, counts
