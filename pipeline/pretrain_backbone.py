@@ -25,7 +25,7 @@ import logging
 from omegaconf import DictConfig
 
 from pipeline.common.config import abspath, stage_main
-from pipeline.data.download import sha256_file
+from pipeline.data.http_download import sha256_file
 from pipeline.data.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.synthetic import load_ground_truth

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.data import download as dl
+from pipeline.data import download as dl, http_download
 from pipeline.data.errors import DataError, MissingDataError
 
 QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
@@ -87,7 +87,7 @@ def server():
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch):
-    monkeypatch.setattr(dl, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(http_download, "RETRY_BACKOFF_S", 0.0)
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
@@ -127,13 +127,13 @@ def test_resume_from_part_sends_range_and_bar_starts_at_offset(server, tmp_path,
     dest = tmp_path / "blob.bin"
     dest.with_suffix(".bin.part").write_bytes(data[:half])
     bars = []
-    real_tqdm = dl.tqdm
+    real_tqdm = http_download.tqdm
 
     def recording_tqdm(*args, **kwargs):
         bars.append(kwargs)
         return real_tqdm(*args, **kwargs)
 
-    monkeypatch.setattr(dl, "tqdm", recording_tqdm)
+    monkeypatch.setattr(http_download, "tqdm", recording_tqdm)
     digest = dl.download_file(server.base + "/blob.bin", dest, sha256=sha(data), progress=False)
     assert server.state.requests == [("/blob.bin", f"bytes={half}-")]
     assert dest.read_bytes() == data

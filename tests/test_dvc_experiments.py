@@ -17,7 +17,7 @@ import yaml
 from dvc.repo import Repo
 
 from pipeline.common.config import write_params
-from pipeline.data.download import sha256_file
+from pipeline.data.http_download import sha256_file
 from tests.conftest import TINY_PIPELINE
 from tests.dvc_project import dvc, git, make_project, tiny_real_preset
 
