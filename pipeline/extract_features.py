@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
 from pipeline.data.http_download import sha256_file
-from pipeline.data.errors import MissingDataError
+from pipeline.common.errors import MissingDataError
 from pipeline.data.feature_store import (FC7_FILE, GRID_FILE, INDEX_FILE, POOLED_FILE,
                                          FeatureStoreWriter, store_dtype)
 from pipeline.data.images import ImageFolderDataset, ImageTransform

@@ -44,7 +44,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from pipeline.common.config import stage_main
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.failure import balanced_accuracy, out_of_fold_scores, roc_auc, roc_auc_ci
 from pipeline.evaluation.outputs import bootstrap_settings, json_safe, publish

@@ -52,7 +52,7 @@ from pipeline.attribution import explain_options
 from pipeline.attribution.base import method_score, upsample_maps
 from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.vocab import pad_token_ids
 from pipeline.data.vqa_format import load_image

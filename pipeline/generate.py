@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.common.config import abspath, stage_main
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.synthetic import generate_world
 from pipeline.common.files import atomic_directory, read_json, write_json
 

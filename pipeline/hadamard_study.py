@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from pipeline.common.config import abspath, stage_main
 from pipeline.data import processed
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import bootstrap_settings, figures_dir, json_safe, publish, save_figure
 from pipeline.evaluation.hadamard import pick_questions, study_rows, upsample_glimpses

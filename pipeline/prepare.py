@@ -33,7 +33,7 @@ from pipeline.common.config import abspath, resolved_yaml, stage_main
 from pipeline.data import processed, vqa_format
 from pipeline.data.answers import answer_scores, normalize_answer
 from pipeline.data.download import ensure_resources, resources_from_config
-from pipeline.data.errors import DataError, RecordPolicy
+from pipeline.common.errors import DataError, RecordPolicy
 from pipeline.data.vocab import AnswerVocab, QuestionVocab, tokenize
 from pipeline.generate import SYNTHETIC_MARKER, check_generated, generate_synthetic  # noqa: F401
 from pipeline.common.files import atomic_directory, write_json, write_text

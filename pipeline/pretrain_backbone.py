@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from pipeline.common.config import abspath, stage_main
 from pipeline.data.http_download import sha256_file
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.synthetic import load_ground_truth
 from pipeline.common.files import save_torch, write_json

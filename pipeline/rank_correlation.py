@@ -58,7 +58,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.common.config import replicate_config, stage_main, training_seeds
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.agreement import (GROUND_TRUTH, HUMAN, SEED_COLUMNS, all_questions_mean, beats_random_flags,
                                           by_answer_type, in_table_order, readable_by_type, readable_table,

@@ -11,7 +11,7 @@ from pipeline import attribute
 from pipeline.attribution import store
 from pipeline.attribution.base import METHODS, Explanation
 from pipeline.common.config import compose
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from tests.conftest import TINY_PIPELINE
 
 FAST = ["attribution.methods=[gradcam,guided_backprop,guided_gradcam,occlusion,attention,cam,hadamard,random]",

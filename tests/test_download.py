@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.data import download as dl, http_download
-from pipeline.data.errors import DataError, MissingDataError
+from pipeline.common.errors import DataError, MissingDataError
 
 QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
 ANNOTATIONS = "v2_mscoco_val2014_annotations.json"

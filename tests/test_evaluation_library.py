@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import markdown_table, write_table
 from pipeline.evaluation.stats import bootstrap_ci, has_ties, is_constant, spearman_rows, summarise

@@ -10,7 +10,7 @@ from scipy.optimize import approx_fprime, minimize
 from scipy.stats import mannwhitneyu
 
 from pipeline import failure_prediction
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.failure import (balanced_accuracy, fit_logistic, out_of_fold_scores, roc_auc,
                                          roc_auc_ci, stratified_folds)

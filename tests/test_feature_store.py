@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import extract_features, prepare
 from pipeline.common.config import compose
 from pipeline.data import processed
-from pipeline.data.errors import DataError, MissingDataError
+from pipeline.common.errors import DataError, MissingDataError
 from pipeline.data.feature_store import (PROGRESS_FILE, FeatureStore, FeatureStoreWriter,
                                          NonFiniteFeaturesError, partial_dir)
 from pipeline.data.images import ImageTransform

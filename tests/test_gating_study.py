@@ -16,7 +16,7 @@ from pipeline.attribution import explain
 from pipeline.attribution.probe import Probe
 from pipeline.common.config import abspath
 from pipeline.data import processed
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.images import ImageTransform
 from pipeline.data.vqa_format import load_image
 from pipeline.evaluation import gating, inputs

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pipeline.common.config import ParamsMode, composed_params, write_params
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline import pos_histogram
 from pipeline.common.config import abspath
 from pipeline.data import processed, synthetic
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.vocab import tokenize
 from pipeline.evaluation import inputs, pos
 from tests.conftest import evaluation_config

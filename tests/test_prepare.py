@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import generate, prepare
 from pipeline.common.config import compose
 from pipeline.data import processed
-from pipeline.data.errors import DataError, MissingDataError
+from pipeline.common.errors import DataError, MissingDataError
 
 
 def tiny_cfg(tmp_path, *overrides):

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 
 from pipeline import rank_correlation
 from pipeline.common.config import abspath
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import agreement, inputs, outputs
 from tests.conftest import evaluation_config
 

@@ -17,7 +17,7 @@ from pipeline import attribute, rank_correlation, report, train
 from pipeline.evaluation.report import header
 from pipeline.common.config import (REPLICATE_PATHS, ParamsMode, as_replicate, compose, replicate_config,
                              training_seeds, write_params)
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline import report
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import write_table
 from pipeline.evaluation.report import published_lookup, sections

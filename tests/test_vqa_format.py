@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import vqa_format
-from pipeline.data.errors import DataError, RecordPolicy
+from pipeline.common.errors import DataError, RecordPolicy
 from tests.conftest import QUESTIONS, write_vqa_split
 
 

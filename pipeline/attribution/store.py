@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.attribution.base import Explanation
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.common.files import atomic_path, read_json, write_json
 
 INDEX = "index.json"

@@ -1,2 +1,3 @@
-"""Helpers every stage shares: configuration (Hydra composition, params mode, replicates), atomic
-output files, seeding. Nothing here is a stage."""
+"""Helpers every stage shares: configuration (Hydra composition, params mode, replicates), bad
+input (DataError and the skip-or-stop policy), atomic output files, seeding. Nothing here is a
+stage."""

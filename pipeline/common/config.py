@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_NAME = "config"

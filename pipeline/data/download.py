@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.data.errors import DataError, MissingDataError
+from pipeline.common.errors import DataError, MissingDataError
 from pipeline.data.http_download import IntegrityError, download_file, sha256_file, verify_file
 from pipeline.common.files import read_json, write_json
 

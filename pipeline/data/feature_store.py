@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.errors import DataError, MissingDataError
+from pipeline.common.errors import DataError, MissingDataError
 from pipeline.common.files import read_json, replace_directory, write_json
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.vocab import AnswerVocab, QuestionVocab
 from pipeline.common.files import read_json
 

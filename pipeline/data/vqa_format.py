@@ -2,7 +2,7 @@
 VQA-HAT human attention maps (docs/formats.md). The synthetic world is written in the same
 formats, so these readers serve both.
 
-Every reader reports bad input through a :class:`~pipeline.data.errors.RecordPolicy`, naming the
+Every reader reports bad input through a :class:`~pipeline.common.errors.RecordPolicy`, naming the
 file and the record; it never silently drops or repairs a record.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.errors import DataError, RecordPolicy
+from pipeline.common.errors import DataError, RecordPolicy
 
 log = logging.getLogger(__name__)
 

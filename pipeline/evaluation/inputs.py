@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.attribution import store
 from pipeline.common.config import abspath
 from pipeline.data import processed
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.vocab import pad_token_ids
 
 

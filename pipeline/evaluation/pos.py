@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.data.vocab import QUESTION_MARK
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline.common.config import abspath
 from pipeline.data import processed
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.common.files import atomic_path
 from pipeline.viz.overlay import display_image, overlay, tokens_html

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation.outputs import figures_dir, tables_dir
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common.config import abspath, replicate_config, training_seeds
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import markdown_table
 from pipeline.evaluation.report.assets import missing

@@ -13,7 +13,7 @@ import pandas as pd
 from pipeline.attribution.methods.gradcam_counterfactual import NAME as COUNTERFACTUAL
 from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.common.config import abspath
-from pipeline.data.errors import DataError
+from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
 from pipeline.evaluation.outputs import markdown_table, tables_dir
 from pipeline.evaluation.published import PublishedValue, for_section
