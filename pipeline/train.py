@@ -32,7 +32,8 @@ from pipeline.common.files import write_json
 from pipeline.models.backbones import build_backbone
 from pipeline.models.checkpoint import model_metadata, save_model, trained_model_path, train_metrics_path
 from pipeline.models.lightning import ANSWER_TYPE_KEYS, VQALightningModule
-from pipeline.models.vqa_model import VQAModel, head_feature_kind
+from pipeline.models.heads import head_feature_kind
+from pipeline.models.vqa_model import VQAModel
 from pipeline.common.seeding import seed_everything
 
 log = logging.getLogger(__name__)
