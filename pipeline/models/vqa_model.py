@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pipeline.data.vocab import AnswerVocab, QuestionVocab, tokenize
+from pipeline.data.vocab import AnswerVocab, QuestionVocab, pad_token_ids, tokenize
 from pipeline.models.analysis import AnalysisPoint, analysis_points, warn_degenerate_questions
 from pipeline.models.backbones import Backbone
 
@@ -58,11 +58,8 @@ class VQAModel(nn.Module):
 
     def encode_questions(self, questions: Sequence[str]) -> torch.Tensor:
         """Token ids, B x T (padded), of questions given as text (tokenised by :meth:`tokenize`)."""
-        ids = [self.question_vocab.encode(self.tokenize(q), self.max_question_length) for q in questions]
-        out = torch.zeros(len(ids), max(1, max(map(len, ids), default=1)), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        return out
+        return pad_token_ids([self.question_vocab.encode(self.tokenize(q), self.max_question_length)
+                              for q in questions])
 
     def answers(self, logits: torch.Tensor) -> list[str]:
         """The answer strings of the highest-scoring classes."""
