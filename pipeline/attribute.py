@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.attribution import explain, explain_options
 from pipeline.attribution.store import SHARDS, explanation_arrays, in_image_order, merge_shards, write_shard
-from pipeline.common.config import abspath, stage_main
+from pipeline.common.config import abspath, instantiate_trainer, stage_main
 from pipeline.data import processed
 from pipeline.data.answers import vqa_accuracy
 from pipeline.data.images import ImageTransform
@@ -137,6 +137,19 @@ class ShardWriter(BasePredictionWriter):
         self.bar.close()
 
 
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    """The configured Trainer (``trainer.lightning``: devices, strategy) set up for explaining.
+    Full precision whatever the config says, and no deterministic setting: the stage is seeded
+    (deterministic kernels, warnings only) by ``seed_everything``, which a Trainer flag would
+    override."""
+    return instantiate_trainer(
+        cfg.trainer, precision="32-true", deterministic=None, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        inference_mode=False,  # the methods need gradients
+        use_distributed_sampler=False,  # images are split by rank in run()
+        callbacks=[])
+
+
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     seed_everything(int(cfg.seed))
@@ -149,13 +162,7 @@ def run(cfg: DictConfig) -> dict:
     options = explain_options(a)
 
     out_dir = abspath(cfg.paths.attributions_dir) / str(cfg.model.name)
-    t = cfg.trainer
-    trainer = pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                         strategy=t.strategy, precision="32-true", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         inference_mode=False,  # the methods need gradients
-                         use_distributed_sampler=False,  # images are split by rank below
-                         callbacks=[])
+    trainer = build_trainer(cfg)
     rank, world = trainer.global_rank, trainer.world_size
     if rank == 0 and out_dir.exists():
         shutil.rmtree(out_dir)  # a half-written store from a killed run must not survive
@@ -167,7 +174,7 @@ def run(cfg: DictConfig) -> dict:
     dataset.groups = dataset.groups[rank::world]  # this process's images
     images_per_batch = max(1, int(a.batch_size) // max(1, max(len(g) for g in dataset.groups)))
     loader = DataLoader(dataset, batch_size=images_per_batch, shuffle=False,
-                        num_workers=int(t.num_workers),
+                        num_workers=int(cfg.trainer.num_workers),
                         collate_fn=functools.partial(collate_questions,
                                                      max_length=int(cfg.data.max_question_length)))
     writer = ShardWriter(out_dir, sum(len(g) for g in dataset.groups))

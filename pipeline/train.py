@@ -25,14 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 
-from pipeline.common.config import abspath, stage_main
+from pipeline.common.config import abspath, instantiate_trainer, stage_main
 from pipeline.data import processed
 from pipeline.data.datamodule import VQADataModule
 from pipeline.common.files import write_json
 from pipeline.models.backbones import build_backbone
 from pipeline.models.checkpoint import model_metadata, save_model, trained_model_path, train_metrics_path
 from pipeline.models.lightning import ANSWER_TYPE_KEYS, VQALightningModule
-from pipeline.models.vqa_model import VQAModel, head_feature_kind
+from pipeline.models.heads import head_feature_kind
+from pipeline.models.vqa_model import VQAModel
 from pipeline.common.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,17 @@ def _resumable(last: Path, hparams: dict) -> bool:
     if not same:
         log.warning("%s was made with other settings; starting afresh", last)
     return same
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list | bool, root_dir: Path) -> pl.Trainer:
+    """The configured Trainer (``trainer.lightning``) with what training adds: the model's
+    epochs and gradient clipping, the deterministic kernels the run is seeded with (one setting,
+    ``trainer.deterministic``), callbacks and loggers."""
+    return instantiate_trainer(
+        cfg.trainer, deterministic=bool(cfg.trainer.deterministic),
+        max_epochs=int(cfg.model.optim.max_epochs), gradient_clip_val=cfg.model.optim.get("gradient_clip"),
+        callbacks=callbacks, logger=loggers, default_root_dir=str(root_dir),
+        enable_model_summary=False, num_sanity_val_steps=0)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -96,13 +108,7 @@ def run(cfg: DictConfig) -> dict:
     callbacks = [checkpoint, TQDMProgressBar(refresh_rate=10)]
     if optim.get("patience"):
         callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=int(optim["patience"])))
-    t = cfg.trainer
-    trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        precision=t.precision, deterministic=bool(t.deterministic), max_epochs=int(optim["max_epochs"]),
-        gradient_clip_val=optim.get("gradient_clip"), log_every_n_steps=int(t.log_every_n_steps),
-        callbacks=callbacks, logger=_loggers(cfg, f"train_{cfg.model.name}"),
-        default_root_dir=str(ckpt_dir), enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = build_trainer(cfg, callbacks, _loggers(cfg, f"train_{cfg.model.name}"), ckpt_dir)
     if resume:
         log.info("resuming the interrupted run from %s", last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)

@@ -107,6 +107,14 @@ def test_ddp_gives_the_same_arrays_as_one_process(trained_world):
             np.testing.assert_allclose(a[key].astype(float), b[key].astype(float), rtol=rtol, atol=1e-6)
 
 
+def test_the_explaining_trainer_takes_placement_from_the_config_and_runs_in_full_precision(tmp_path):
+    cfg = cfg_for(tmp_path, "trainer.lightning.precision=bf16-mixed")
+    trainer = attribute.build_trainer(cfg)
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator" and trainer.num_devices == 1
+    assert trainer.precision == "32-true"  # the methods' gradients, whatever training used
+    assert not trainer.predict_loop.inference_mode and trainer.logger is None
+
+
 def test_missing_model_is_a_clear_error(trained_world, tmp_path):
     with pytest.raises(FileNotFoundError, match="pipeline.train"):
         attribute.run(cfg_for(trained_world, "model=mlb", f"paths.models_dir={tmp_path}"))

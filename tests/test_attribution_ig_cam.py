@@ -5,7 +5,8 @@ from captum.attr import IntegratedGradients, LayerIntegratedGradients
 
 from pipeline.attribution import available_methods, explain
 from pipeline.models.backbones import SceneResNet
-from pipeline.models.vqa_model import VQAModel, build_head
+from pipeline.models.heads import build_head
+from pipeline.models.vqa_model import VQAModel
 from tests.test_attribution_gradients import QUESTIONS, setup
 from tests.test_models import ARCH, AV, QV
 

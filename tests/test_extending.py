@@ -15,7 +15,8 @@ from pipeline.attribution import explain
 from pipeline.attribution.base import METHODS
 from pipeline.common.config import compose
 from pipeline.evaluation import inputs
-from pipeline.models import load_trained_model, vqa_model
+from pipeline.models import load_trained_model
+from pipeline.models.heads import HEADS
 from tests.conftest import TINY_PIPELINE
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -46,17 +47,22 @@ def readme_method():
 
 
 @pytest.fixture
-def readme_model(tmp_path, monkeypatch):
-    """The README's head class, added to HEADS, and its config file in a config folder that Hydra
-    searches (as if written to conf/model/). Returns the overrides that select it."""
+def readme_model(tmp_path):
+    """The README's head module, executed (its decorator registers the head), and its config
+    file in a config folder that Hydra searches (as if written to conf/model/); unregistered
+    afterwards. Returns the overrides that select it."""
+    assert "bow_cnn" not in HEADS
     namespace: dict = {}
     exec(compile(readme_blocks("A new model", "python")[0], "README.md", "exec"), namespace)
-    head = namespace["BagOfWordsCNNHead"]
-    monkeypatch.setitem(vqa_model.HEADS, head.name, head)
-    conf = tmp_path / "conf"
-    (conf / "model").mkdir(parents=True)
-    (conf / "model" / f"{head.name}.yaml").write_text(readme_blocks("A new model", "yaml")[0])
-    return [f"hydra.searchpath=[file://{conf}]", f"model={head.name}"]
+    try:
+        head = namespace["BagOfWordsCNNHead"]
+        assert HEADS[head.name] is head
+        conf = tmp_path / "conf"
+        (conf / "model").mkdir(parents=True)
+        (conf / "model" / f"{head.name}.yaml").write_text(readme_blocks("A new model", "yaml")[0])
+        yield [f"hydra.searchpath=[file://{conf}]", f"model={head.name}"]
+    finally:
+        HEADS.pop("bow_cnn", None)
 
 
 def stage_config(root, out, *overrides):

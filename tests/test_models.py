@@ -9,7 +9,8 @@ from pipeline.models import load_model
 from pipeline.models.analysis import POINT_NAMES
 from pipeline.models.backbones import RESNET152_HUB_FILES, ResNet152, SceneResNet, build_backbone
 from pipeline.models.checkpoint import CheckpointError, model_metadata, save_model
-from pipeline.models.vqa_model import VQAModel, build_head, head_feature_kind
+from pipeline.models.heads import HEADS, build_head, head_feature_kind, register_head
+from pipeline.models.vqa_model import VQAModel
 from omegaconf import OmegaConf
 
 QV = QuestionVocab.build([["what", "color", "is", "the", "circle"], ["how", "many", "squares"]])
@@ -69,6 +70,25 @@ def test_analysis_points(name, points):
     if name == "mlb":
         alpha = seen["alpha"]
         assert alpha == (2, 2, 4)
+
+
+def test_heads_are_registered_by_name_whatever_part_of_models_is_imported():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: only the registry module imported, as a user's script might
+    listed = subprocess.run([sys.executable, "-c", "from pipeline.models.heads import HEADS; print(sorted(HEADS))"],
+                            capture_output=True, text=True, check=True).stdout
+    assert listed.strip() == "['lstm_cnn', 'mlb']"
+    assert [HEADS[name].name for name in ("lstm_cnn", "mlb")] == ["lstm_cnn", "mlb"]
+
+
+def test_an_unknown_or_twice_registered_head_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown model 'nope'; registered heads: \['lstm_cnn', 'mlb'\]"):
+        build_head("nope", {}, len(QV), len(AV), 8)
+    with pytest.raises(ValueError, match="'mlb' registered twice"):
+        register_head("mlb")(type("AnotherMLB", (torch.nn.Module,), {"feature_kind": "grid"}))
+    assert HEADS["mlb"].__name__ == "MLBHead"
 
 
 def test_mlb_attention_is_a_distribution_per_glimpse():

@@ -34,6 +34,48 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def torch_flags(monkeypatch):
+    """A Trainer's ``deterministic`` sets torch-wide flags (and CUBLAS_WORKSPACE_CONFIG): put
+    them back for the tests that follow in this process."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    yield monkeypatch
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark = saved[2]
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model=lstm_cnn", "trainer.deterministic=false", "trainer.lightning.log_every_n_steps=3",
+     "model.optim.max_epochs=5", "model.optim.gradient_clip=null"],
+    ["trainer=ddp"],
+])
+def test_the_trainer_gets_the_configs_arguments(tmp_path, torch_flags, overrides):
+    torch_flags.setenv("DDP_ACCELERATOR", "cpu")  # what trainer=ddp runs on here
+    torch_flags.setenv("DDP_PRECISION", "32-true")
+    cfg = tiny_cfg(tmp_path, *overrides)
+    args = cfg.trainer.lightning
+    trainer = train.build_trainer(cfg, callbacks=[], loggers=False, root_dir=tmp_path)
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator" and args.accelerator == "cpu"
+    assert type(trainer.strategy).__name__ == {"auto": "SingleDeviceStrategy", "ddp": "DDPStrategy"}[args.strategy]
+    assert (trainer.num_devices, trainer.num_nodes) == (args.devices, args.num_nodes)
+    assert trainer.precision == args.precision
+    assert trainer.log_every_n_steps == args.log_every_n_steps
+    assert trainer.max_epochs == cfg.model.optim.max_epochs
+    assert trainer.gradient_clip_val == cfg.model.optim.gradient_clip
+    assert torch.are_deterministic_algorithms_enabled() == cfg.trainer.deterministic
+
+
+def test_an_argument_the_trainer_does_not_take_fails_loudly(tmp_path, torch_flags):
+    from hydra.errors import InstantiationException
+
+    cfg = tiny_cfg(tmp_path, "+trainer.lightning.max_epoch=3")  # a typo of max_epochs
+    with pytest.raises(InstantiationException, match="unexpected keyword argument 'max_epoch'"):
+        train.build_trainer(cfg, callbacks=[], loggers=False, root_dir=tmp_path)
+
+
 @pytest.mark.parametrize("name", ["lstm_cnn", "mlb"])
 def test_train_writes_model_metrics_and_checkpoint(world, name):
     cfg = tiny_cfg(world, f"model={name}")
@@ -241,7 +283,7 @@ def test_wandb_logs_offline(world, tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = tiny_cfg(world, "model=lstm_cnn", "logger=wandb", "model.optim.max_epochs=1",
-                   "trainer.log_every_n_steps=1", *separate_outputs(world, tmp_path, "wandb"))
+                   "trainer.lightning.log_every_n_steps=1", *separate_outputs(world, tmp_path, "wandb"))
     assert cfg.logger.mode == "offline"
     metrics = train.run(cfg)
     wandb.finish()  # the stage leaves Lightning's run open until the process exits
@@ -316,7 +358,7 @@ def test_ddp_over_two_cpu_processes(world, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(script), str(weights), "trainer=ddp", *TINY, "model=mlb", f"model.optim.max_epochs={epochs}",
-         "model.optim.patience=0", "trainer.num_workers=0", "trainer.log_every_n_steps=1",
+         "model.optim.patience=0", "trainer.num_workers=0", "trainer.lightning.log_every_n_steps=1",
          f"paths.root={world}", f"paths.models_dir={out}/models", f"paths.metrics_dir={out}/metrics",
          f"paths.checkpoints_dir={out}/checkpoints",
          f"backbone.weights={world}/models/backbone/scene_resnet.pt",

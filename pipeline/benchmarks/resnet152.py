@@ -58,7 +58,8 @@ def random_vqa_model(backbone, model_name: str, vocabulary: int, max_length: int
     and synthetic vocabularies of ``vocabulary`` words and the model's ``num_answers`` answers:
     the costs of explaining it are those of a trained model of the same sizes."""
     from pipeline.data.vocab import PAD, UNK, AnswerVocab, QuestionVocab
-    from pipeline.models.vqa_model import VQAModel, build_head, head_feature_kind
+    from pipeline.models.heads import build_head, head_feature_kind
+    from pipeline.models.vqa_model import VQAModel
 
     model_cfg = model_config(model_name)
     arch = OmegaConf.to_container(model_cfg.arch, resolve=True)

@@ -371,6 +371,14 @@ def abspath(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def instantiate_trainer(trainer_cfg: DictConfig, **stage_args):
+    """The Lightning Trainer of ``trainer.lightning`` (its ``_target_`` and arguments) with what
+    only the stage knows added: callbacks, logger, stage-specific settings. A stage's argument
+    wins over the config's; an argument the Trainer does not take fails here. Converted to plain
+    lists and dicts: the Trainer gets no OmegaConf containers (``devices: [0, 1]``, callbacks)."""
+    return hydra.utils.instantiate(trainer_cfg.lightning, _convert_="all", **stage_args)
+
+
 # --- python -m pipeline.common.config ----------------------------------------------------------------
 
 def cli(argv: Sequence[str] | None = None) -> int:

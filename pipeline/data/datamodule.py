@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data import processed
 from pipeline.data.feature_store import FeatureStore
-from pipeline.data.vocab import AnswerVocab
+from pipeline.data.vocab import AnswerVocab, pad_token_ids
 
 
 class VQAFeatureDataset(Dataset):
@@ -32,11 +32,9 @@ class VQAFeatureDataset(Dataset):
         self.store = store
         self.feature_kind = feature_kind
         self.num_answers = len(answer_vocab)
-        self.tokens = torch.zeros(len(records), max_length, dtype=torch.long)
+        self.tokens = pad_token_ids([r["token_ids"] for r in records], max_length)
         self.answer_columns, self.answer_values = [], []
-        for row, r in enumerate(records):
-            ids = r["token_ids"][:max_length]
-            self.tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        for r in records:
             kept = [(answer_vocab.index[a], s) for a, s in r["answer_scores"].items()
                     if a in answer_vocab.index and s > 0]
             self.answer_columns.append(torch.tensor([c for c, _ in kept], dtype=torch.long))

@@ -20,7 +20,8 @@ from pipeline.common.errors import DataError
 from pipeline.data.vocab import AnswerVocab, QuestionVocab
 from pipeline.common.files import save_torch
 from pipeline.models.backbones import ResNet152, SceneResNet, build_backbone
-from pipeline.models.vqa_model import VQAModel, build_head, head_feature_kind
+from pipeline.models.heads import build_head, head_feature_kind
+from pipeline.models.vqa_model import VQAModel
 
 FORMAT = "vqa-explain/model"
 FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as nnf
 
 from pipeline.data.answers import vqa_accuracy
-from pipeline.models.vqa_model import build_head
+from pipeline.models.heads import build_head
 
 ANSWER_TYPE_KEYS = {"yes/no": "yes_no", "number": "number", "other": "other"}
 

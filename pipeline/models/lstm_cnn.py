@@ -22,8 +22,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from pipeline.models.analysis import AnalysisPoint, question_lengths
+from pipeline.models.heads import register_head
 
 
+@register_head("lstm_cnn")
 class LSTMCNNHead(nn.Module):
     """Everything after the backbone. Reads the grid (end to end) or the cached image vector
     (training): both go through the same code after the vector is computed.
@@ -31,8 +33,6 @@ class LSTMCNNHead(nn.Module):
     The vector comes from the grid through the *backbone's* frozen layers (fc6-fc7 belong to the
     CNN, as in VGG, and are saved with it): :class:`~pipeline.models.vqa_model.VQAModel` hands
     them to the head with :meth:`read_grid_with`. ``image_channels`` is the vector's width."""
-
-    name = "lstm_cnn"
 
     def __init__(self, vocab_size: int, num_answers: int, image_channels: int, embedding: int = 200,
                  hidden: int = 512, layers: int = 2, joint: int = 1024, dropout: float = 0.5,

@@ -18,10 +18,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from pipeline.models.analysis import AnalysisPoint, question_lengths
+from pipeline.models.heads import register_head
 
 
+@register_head("mlb")
 class MLBHead(nn.Module):
-    name = "mlb"
     feature_kind = "grid"
 
     def __init__(self, vocab_size: int, num_answers: int, image_channels: int, embedding: int = 620,

@@ -11,32 +11,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pipeline.data.vocab import AnswerVocab, QuestionVocab, tokenize
+from pipeline.data.vocab import AnswerVocab, QuestionVocab, pad_token_ids, tokenize
 from pipeline.models.analysis import AnalysisPoint, analysis_points, warn_degenerate_questions
 from pipeline.models.backbones import Backbone
-from pipeline.models.lstm_cnn import LSTMCNNHead
-from pipeline.models.mlb import MLBHead
-
-HEADS = {"lstm_cnn": LSTMCNNHead, "mlb": MLBHead}
-
-
-def build_head(name: str, arch: dict, vocab_size: int, num_answers: int, image_channels: int) -> nn.Module:
-    """The head of model ``name`` with the architecture sizes of ``arch`` (model.arch config);
-    ``image_channels`` is the width of what it reads (:func:`head_feature_kind`)."""
-    if name not in HEADS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(HEADS)}")
-    return HEADS[name](vocab_size, num_answers, image_channels, **dict(arch))
-
-
-def head_feature_kind(name: str, arch: dict) -> str:
-    """What model ``name`` with ``arch`` reads from the feature store: ``grid``, ``pooled`` or
-    ``fc7`` (``backbone.feature_channels(kind)`` is its width)."""
-    if name not in HEADS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(HEADS)}")
-    head = HEADS[name]
-    # A head whose input depends on its settings says so with feature_kind_of(arch); any other
-    # declares the class attribute feature_kind.
-    return head.feature_kind_of(arch) if hasattr(head, "feature_kind_of") else head.feature_kind
 
 
 class VQAModel(nn.Module):
@@ -81,11 +58,8 @@ class VQAModel(nn.Module):
 
     def encode_questions(self, questions: Sequence[str]) -> torch.Tensor:
         """Token ids, B x T (padded), of questions given as text (tokenised by :meth:`tokenize`)."""
-        ids = [self.question_vocab.encode(self.tokenize(q), self.max_question_length) for q in questions]
-        out = torch.zeros(len(ids), max(1, max(map(len, ids), default=1)), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        return out
+        return pad_token_ids([self.question_vocab.encode(self.tokenize(q), self.max_question_length)
+                              for q in questions])
 
     def answers(self, logits: torch.Tensor) -> list[str]:
         """The answer strings of the highest-scoring classes."""
