@@ -11,12 +11,14 @@ prediction, section 4.2), Grad-CAM (its rows of the rank-correlation table), Kim
 stage's .md), figure(s) and, where the paper published one, the paper's number next to ours,
 each labelled with the data and model it was computed on (:mod:`pipeline.evaluation.published`:
 numbers read in the paper, shown as printed; otherwise "published value not verified"). Then which
-methods do not beat the random baseline, and the sanity checks (Adebayo et al. 2018).
+methods do not beat the random baseline, faithful or only plausible (stage ``faithfulness``:
+perturbation tests beside the rank correlation), and the sanity checks (Adebayo et al. 2018).
 
 index.html: per model a deterministic sample of ``gallery.questions`` validation questions
 spread over answer types and right/wrong answers; for each, the image, every method's overlay
 (PNG files under ``reports/gallery/<model>/``) and the question tokens coloured by each
-method's question map; filterable in the browser (inline JS, no network).
+method's question map and its image deletion curve (stage ``faithfulness``); filterable in the
+browser (inline JS, no network).
 
 A table or figure that an evaluation stage should have written and did not is an error naming
 that stage; sections that need the synthetic world's ground truth are reported as absent, with

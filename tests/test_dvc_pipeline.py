@@ -16,7 +16,7 @@ from pipeline.common.config import composed_params, write_params
 ROOT = Path(__file__).resolve().parents[1]
 PER_MODEL = ("train", "attribute")
 EVALUATION = ("rank_correlation", "pos_histogram", "failure_prediction", "hadamard_study", "gating_study",
-              "sanity_check", "evidence_slope", "report")
+              "sanity_check", "evidence_slope", "faithfulness", "report")
 UPSTREAM = ("prepare", "pretrain_backbone", "extract_features")
 
 
@@ -91,6 +91,9 @@ def test_stages_come_from_the_config_and_read_params_yaml():
         assert name in stages
         # every evaluation stage runs after the training of every model it covers
         assert {f"train@{m}" for m in models} <= upstream(graph, stages, name), name
+    # faithfulness reads the stores and rank_correlation's table; the report reads its outputs
+    assert {f"attribute@{m}" for m in models} | {"rank_correlation"} <= upstream(graph, stages, "faithfulness")
+    assert "faithfulness" in upstream(graph, stages, "report")
     for name, stage in stages.items():
         assert " params=params.yaml" in stage.cmd, name
         assert any(str(d) == "params.yaml" for d in stage.deps), name  # its params are tracked

@@ -86,11 +86,25 @@ def fake_tables() -> dict[str, pd.DataFrame]:
         "sanity": pd.DataFrame({"model": ["mlb"], "method": ["gradcam"], "step": [1], "mean": [0.1], "flagged": [False]}),
         "evidence_slope": pd.DataFrame({"model": ["mlb", "mlb"], "answer_type": ["number", "all"], "n": [5, 12],
                                         "score_falls": [0.8, 0.5], "gradcam_agrees": [0.9, 0.7]}),
+        # lstm_cnn's gradcam is more faithful than random with the mean fill, not with road.
+        "faithfulness": pd.DataFrame(
+            [{"model": "lstm_cnn", "method": m, "modality": "image", "order": "morf", "fill": f, "n": 12,
+              "auc": 0.3, "ci_low": 0.2, "ci_high": 0.4, "kept": 0.5, "more_faithful_than_random": v}
+             for m, f, v in (("random", "mean", ""), ("random", "road", ""), ("gradcam", "mean", True),
+                             ("gradcam", "road", False), ("occlusion", "mean", False), ("occlusion", "road", False))]),
+        "faithfulness_plausibility": pd.DataFrame(
+            [{"model": "lstm_cnn", "method": "gradcam", "reference": "ground_truth", "rank_correlation": 0.1,
+              "plausible": False, "faithful": "depends on the fill"},
+             {"model": "lstm_cnn", "method": "occlusion", "reference": "ground_truth", "rank_correlation": 0.4,
+              "plausible": True, "faithful": "no"},
+             {"model": "mlb", "method": "gradcam", "reference": "ground_truth", "rank_correlation": 0.0,
+              "plausible": False, "faithful": "yes"}]),
+        "faithfulness_pixel_check": pd.DataFrame({"model": ["mlb"], "curves": [10], "spearman_auc": [0.9]}),
     }
 
 
 FIGURES = ["rank_correlation", "rank_correlation_by_answer_type", "pos_histogram", "failure_prediction", "hadamard_1", "hadamard_2",
-           "gating_sweep", "sanity"]
+           "gating_sweep", "sanity", "faithfulness_vs_plausibility", "faithfulness_image", "faithfulness_question"]
 
 
 def make_reports(world: Path, tmp_path: Path) -> Path:
@@ -103,6 +117,12 @@ def make_reports(world: Path, tmp_path: Path) -> Path:
         (reports / "figures").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20, 10), (k * 30, 0, 0)).save(reports / "figures" / f"{name}.png")
     shutil.copytree(world / "reports" / "metrics", reports / "metrics")
+    # Per-question deletion curves for the gallery: every store question, every method, two fills.
+    rows = [{"model": m, "question_id": int(q["question_id"]), "method": method, "fill": fill,
+             **{f"p{f / 10:g}": 1 - f / 10 for f in range(11)}}
+            for m in ("lstm_cnn", "mlb") for q in inputs.load_store(config(world, reports), m)["questions"]
+            for method in ("random", "gradcam") for fill in ("mean", "road")]
+    write_table(pd.DataFrame(rows), reports / "faithfulness" / "question_curves.csv", markdown=False)
     return reports
 
 
@@ -156,7 +176,7 @@ def test_readme_has_every_table_figure_and_published_citation(reported, explaine
 def test_methods_not_beating_random_use_the_ground_truth_rows(reported):
     _, reports, result = reported
     readme = (reports / "README.md").read_text()
-    section = readme[readme.index("## Which methods do not beat random"):readme.index("## Sanity")]
+    section = readme[readme.index("## Which methods do not beat random"):readme.index("## Faithful or only plausible?")]
     assert "| lstm_cnn | gradcam, guided_backprop | occlusion | (none) |" in section
     # The verdict must hold on every training seed: mlb's guided backprop beats random on 2 of 3.
     assert "| mlb | guided_backprop (2/3 seeds), attention | gradcam, occlusion | (none) |" in section
@@ -173,6 +193,22 @@ def test_methods_not_beating_random_use_the_ground_truth_rows(reported):
     assert ("| lstm_cnn | gradcam_counterfactual | 0.260 [0.230, 0.290] (beats random) | "
             "-0.130 [-0.160, -0.100] (does not) |") in section
     assert "| mlb | gradcam_counterfactual |" not in section
+
+
+def test_faithfulness_section_names_plausible_but_not_faithful_and_fill_dependence(reported):
+    _, reports, _ = reported
+    readme = (reports / "README.md").read_text()
+    section = readme[readme.index("## Faithful or only plausible?"):readme.index("## Sanity")]
+    assert ("**lstm_cnn**: plausible but not faithful (beat random in rank correlation, not more faithful "
+            "than random on image deletion with either fill): occlusion; faithful but not plausible: none.") in section
+    assert "**mlb**: plausible but not faithful" in section and "faithful but not plausible: gradcam." in section
+    assert "depend on the fill (`mean` vs `road`): lstm_cnn/gradcam/image/morf (mean: yes, road: no)." in section
+    assert "![faithfulness_vs_plausibility](figures/faithfulness_vs_plausibility.png)" in section
+    # The gallery draws each method's deletion curve next to its overlay (the fake curves exist
+    # for gradcam and random only).
+    page = (reports / "index.html").read_text()
+    assert page.count('<svg class="curve"') > 0
+    assert page.count('<svg class="curve"') == page.count('data-method="gradcam"') + page.count('data-method="random"')
 
 
 def test_no_failure_breakdown_when_every_method_beats_random(tmp_path):

@@ -271,3 +271,72 @@ def hadamard_figure(rows: list[int], questions: list[dict], images: list[np.ndar
         draw_question(fig.add_subplot(grid[2 * k + 1, :]), q["tokens"][:length], z_scores[row, :length])
     fig.suptitle(title, fontsize=11, y=1 - 0.15 / height)
     return fig
+
+
+# The references of the faithfulness curves, drawn apart from the methods (dashed, greys, green).
+CURVE_REFERENCES = {"random": ("black", "--"), "human": ("0.5", "-."), "ground_truth": ("tab:green", "-")}
+
+
+def faithfulness_curves_figure(curves: pd.DataFrame, modality: str):
+    """Mean deletion curves of one modality: a panel per model (rows) and order (columns), a line
+    per method (the references black dashed, grey, green), the fills as line widths (thin: the
+    first fill, e.g. ``mean``; thick: the second, ``road``) in the legend's title."""
+    plt = pyplot()
+    part = curves[curves["modality"] == modality]
+    if part.empty:
+        fig, ax = plt.subplots(figsize=(5, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No {modality} map to perturb", ha="center", va="center")
+        return fig
+    models, orders = list(dict.fromkeys(part["model"])), list(dict.fromkeys(part["order"]))
+    fills = list(dict.fromkeys(part["fill"]))
+    methods = [m for m in dict.fromkeys(part["method"]) if m not in CURVE_REFERENCES]
+    colours = {m: plt.get_cmap("tab20")(k % 20) for k, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(models), len(orders), figsize=(5.2 * len(orders), 3.6 * len(models)),
+                             squeeze=False, sharey=True)
+    for i, model in enumerate(models):
+        for j, order in enumerate(orders):
+            ax = axes[i][j]
+            for (method, fill), rows in part[(part["model"] == model) & (part["order"] == order)].groupby(
+                    ["method", "fill"], sort=False):
+                colour, style = CURVE_REFERENCES.get(method, (colours.get(method), "-"))
+                width = 0.9 + 1.2 * fills.index(fill)
+                ax.plot(rows["fraction"], rows["probability"], style, color=colour, lw=width,
+                        label=method if fill == fills[0] else None)
+            ax.set_title(f"{model}: {order} ({'most' if order == 'morf' else 'least'} relevant first)", fontsize=10)
+            ax.set_xlabel(f"share of {'grid cells' if modality == 'image' else 'words'} removed")
+            ax.set_ylabel("p(explained answer), mean")
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2, loc="upper right",
+                       title="line width: " + " < ".join(fills) if len(fills) > 1 else f"fill: {fills[0]}",
+                       title_fontsize=7)
+    fig.suptitle(f"Faithfulness: {modality} deletion curves (faithful: morf falls fast, lerf stays high)")
+    fig.tight_layout()
+    return fig
+
+
+def faithfulness_scatter_figure(plausibility: pd.DataFrame, fills: list[str]):
+    """Plausibility (rank correlation with the reference) against faithfulness (image ``morf``
+    AUC: lower is more faithful), a panel per fill, a colour per model, each point named."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(fills), figsize=(5.5 * len(fills), 4.5), squeeze=False)
+    models = list(dict.fromkeys(plausibility["model"])) if len(plausibility) else []
+    for ax, fill in zip(axes[0], fills):
+        for k, model in enumerate(models):
+            rows = plausibility[plausibility["model"] == model]
+            if f"auc_{fill}" not in rows:
+                continue
+            ax.scatter(rows["rank_correlation"], rows[f"auc_{fill}"], color=plt.get_cmap("tab10")(k), label=model, s=18)
+            for r in rows.itertuples(index=False):
+                ax.annotate(r.method, (r.rank_correlation, getattr(r, f"auc_{fill}")), fontsize=6,
+                            xytext=(2, 2), textcoords="offset points")
+        reference = plausibility["reference"].iloc[0] if len(plausibility) else "reference"
+        ax.set_xlabel(f"plausibility: Spearman rho with {str(reference).replace('_', ' ')}")
+        ax.set_ylabel(f"image deletion (morf) AUC, fill {fill}\n(lower = more faithful)")
+        ax.axvline(0, color="black", lw=0.5)
+        ax.grid(alpha=0.3)
+    if models:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle("Plausible or faithful? One point per method and model")
+    fig.tight_layout()
+    return fig

@@ -31,6 +31,7 @@ class MethodView:
     image_src: str | None          # overlay PNG relative to the page; None when there is no map
     note: str = ""                 # why there is no overlay (non-finite map)
     tokens: str = ""               # coloured tokens (HTML) or "" when the method has no question map
+    curve: str = ""                # inline SVG: the image deletion (morf) curve, "" when not computed
 
 
 @dataclass
@@ -168,7 +169,8 @@ def entry_html(entry: GalleryEntry) -> str:
                    if view.image_src else f'<div class="none">{html.escape(view.note)}</div>')
         tokens = view.tokens or '<span class="none">no question map</span>'
         figures.append(f'<figure class="method" data-method="{html.escape(view.method)}">{picture}'
-                       f'<figcaption>{html.escape(view.method)}</figcaption><div>{tokens}</div></figure>')
+                       f'<figcaption>{html.escape(view.method)}</figcaption><div>{tokens}</div>'
+                       f'{view.curve}</figure>')
     return (f'<div class="entry" data-model="{html.escape(entry.model)}" data-qid="{entry.question_id}" '
             f'data-answer-type="{html.escape(entry.answer_type)}" data-correct="{status}">\n{head}\n'
             f'<div class="row">{"".join(figures)}</div>\n</div>')
@@ -196,6 +198,49 @@ def gallery_html(entries: list[GalleryEntry], title: str, note: str = "") -> str
             f'say so.</p>\n{filters}\n{body}\n</body>\n</html>\n')
 
 
+def curve_svg(curves: dict[str, np.ndarray], fractions: np.ndarray, random: dict[str, np.ndarray]) -> str:
+    """A 128 x 48 inline SVG of one question's image deletion (morf) curves: the method's per fill
+    (solid: the last fill, ``road``; dashed: the others) over the random map's (grey), the
+    probability axis from 0 to the highest value shown; the areas in the tooltip."""
+    shown = [*curves.values(), *random.values()]
+    top = max(float(np.nanmax(c)) for c in shown) if shown else 0.0
+    if not np.isfinite(top) or top <= 0:
+        return ""
+    width, height = 128, 48
+
+    def points(c):
+        return " ".join(f"{width * x:.1f},{height * (1 - y / top):.1f}" for x, y in zip(fractions, c))
+
+    lines, fills = [], list(curves)
+    for fill, c in random.items():
+        lines.append(f'<polyline points="{points(c)}" fill="none" stroke="#aaa" stroke-width="1"/>')
+    for fill, c in curves.items():
+        dash = "" if fill == fills[-1] else ' stroke-dasharray="3,2"'
+        lines.append(f'<polyline points="{points(c)}" fill="none" stroke="#c33" stroke-width="1.5"{dash}/>')
+    areas = ", ".join(f"{f} AUC {np.trapezoid(c, fractions):.3f}" for f, c in curves.items())
+    return (f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+            f'<title>deletion (morf): p(answer) vs share of grid cells removed; {html.escape(areas)}; '
+            f'grey: random</title>{"".join(lines)}</svg>')
+
+
+def question_curves(cfg) -> tuple[dict, np.ndarray]:
+    """The faithfulness stage's per-question image deletion curves: (model, question id, method)
+    -> fill -> probabilities, and the fractions; a missing file names the stage."""
+    import pandas as pd
+
+    from pipeline.evaluation.report.assets import missing
+
+    path = abspath(cfg.paths.reports_dir) / "faithfulness" / "question_curves.csv"
+    if not path.is_file():
+        raise missing(path, "faithfulness")
+    frame = pd.read_csv(path)
+    columns = [c for c in frame.columns if c.startswith("p") and c[1:].replace(".", "").isdigit()]
+    out: dict = {}
+    for row, values in zip(frame.itertuples(index=False), frame[columns].to_numpy(dtype=float)):
+        out.setdefault((str(row.model), int(row.question_id), str(row.method)), {})[str(row.fill)] = values
+    return out, np.array([float(c[1:]) for c in columns])
+
+
 # --- the report's gallery: sample, overlays, entries ----------------------------------------
 
 
@@ -204,6 +249,7 @@ def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict
     records = {r["question_id"]: r for r in processed.load_question_table(
         abspath(cfg.paths.processed_dir), str(cfg.evaluation.split))}
     data_root = abspath(cfg.data.root)
+    curves, fractions = question_curves(cfg)
     entries, counts = [], {}
     for model in models:
         index = inputs.load_store(cfg, model)
@@ -234,7 +280,12 @@ def build_gallery(cfg, models: list[str], gallery_dir: Path) -> tuple[list, dict
             size = next(iter(arrays.values()))["image_map"].shape[-1] if arrays else None
             image = display_image(data_root, record["image"], size)
             maps = {m: {k: a[k][i] for k in a} for m, a in arrays.items()}
-            entries.append(render_entry_images(out_dir, f"gallery/{model}", model, row, image, maps,
-                                               alpha=float(gallery.alpha), cmap=str(gallery.cmap)))
+            entry = render_entry_images(out_dir, f"gallery/{model}", model, row, image, maps,
+                                        alpha=float(gallery.alpha), cmap=str(gallery.cmap))
+            random = curves.get((model, entry.question_id, "random"), {})
+            for view in entry.methods:
+                own = curves.get((model, entry.question_id, view.method))
+                view.curve = curve_svg(own, fractions, random) if own else ""
+            entries.append(entry)
         counts[model] = len(sample)
     return entries, counts

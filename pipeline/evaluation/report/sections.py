@@ -14,7 +14,7 @@ from pipeline.attribution.methods.gradcam_counterfactual import NAME as COUNTERF
 from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.common.config import abspath
 from pipeline.common.errors import DataError
-from pipeline.evaluation import inputs
+from pipeline.evaluation import faithfulness, inputs
 from pipeline.evaluation.outputs import markdown_table, tables_dir
 from pipeline.evaluation.published import PublishedValue, for_section
 from pipeline.evaluation.report.assets import FigureSpec, TableSpec, find_figures, fold, read_table
@@ -177,6 +177,14 @@ class NotBeatingRandomSection(Section):
         return [not_beating_random(ctx.frames, ctx.synthetic, ctx.assembled, tables_dir(ctx.cfg)), ""]
 
 
+class FaithfulnessSection(Section):
+    """After the curves: the methods plausible but not faithful (or the reverse), and the
+    verdicts that depend on the fill."""
+
+    def closing(self, ctx: Context) -> list[str]:
+        return [faithfulness_verdicts(ctx.frames), ""]
+
+
 SECTIONS: tuple[Section, ...] = (
     Section("rank_correlation", "Goyal et al., Table 1: rank correlation with human attention",
             (TableSpec("rank_correlation", "rank_correlation"),
@@ -211,6 +219,15 @@ SECTIONS: tuple[Section, ...] = (
                             (TableSpec("evidence_slope", "evidence_slope", needs_ground_truth=True,
                                        caption="Does the answer's score rise with the evidence at the "
                                                "ground truth?"),)),
+    FaithfulnessSection("faithfulness", "Faithful or only plausible?",
+                        (TableSpec("faithfulness_plausibility", "faithfulness",
+                                   caption="Plausibility (rank correlation) beside faithfulness (image deletion)"),
+                         TableSpec("faithfulness", "faithfulness", caption="Every perturbation curve's area"),
+                         TableSpec("faithfulness_pixel_check", "faithfulness",
+                                   caption="Grid-space curves against pixel-space curves")),
+                        (FigureSpec("faithfulness_vs_plausibility.png", "faithfulness"),
+                         FigureSpec("faithfulness_image.png", "faithfulness"),
+                         FigureSpec("faithfulness_question.png", "faithfulness"))),
     Section("sanity", "Sanity checks (Adebayo et al. 2018): cascading parameter randomisation",
             (TableSpec("sanity", "sanity_check"),), (FigureSpec("sanity.png", "sanity_check"),)),
 )
@@ -311,6 +328,19 @@ def failures_by_answer_type(by_type: pd.DataFrame | None, reference: str,
         return ""
     return (prose("failures_by_answer_type").format(counterfactual=COUNTERFACTUAL) + "\n\n"
             + markdown_table(pd.DataFrame(rows).fillna("")) + "\n")
+
+
+def faithfulness_verdicts(frames: dict[str, pd.DataFrame]) -> str:
+    """Sentences from the faithfulness tables (read from CSV: verdicts as True / False / empty)."""
+    table = frames["faithfulness"].copy()
+    table["more_faithful_than_random"] = [("" if v is None else v) for v in
+                                          map(as_bool, table["more_faithful_than_random"])]
+    plausibility = frames["faithfulness_plausibility"].copy()
+    if plausibility.empty:
+        return "No method has both a rank correlation and an image deletion curve.\n"
+    plausibility["plausible"] = plausibility["plausible"].map(as_bool)
+    plausibility["faithful"] = plausibility["faithful"].fillna("").astype(str)
+    return "\n".join(faithfulness.verdict_sentences(plausibility, faithfulness.fill_dependent(table))) + "\n"
 
 
 def largest_map_change(sweep: pd.DataFrame) -> str:
