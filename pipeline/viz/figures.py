@@ -274,7 +274,8 @@ def hadamard_figure(rows: list[int], questions: list[dict], images: list[np.ndar
 
 
 # The references of the faithfulness curves, drawn apart from the methods (dashed, greys, green).
-CURVE_REFERENCES = {"random": ("black", "--"), "human": ("0.5", "-."), "ground_truth": ("tab:green", "-")}
+# References in black and grey, each with its own dash, so that no method colour repeats one.
+CURVE_REFERENCES = {"random": ("black", "--"), "human": ("0.5", "-."), "ground_truth": ("black", ":")}
 
 
 def faithfulness_curves_figure(curves: pd.DataFrame, modality: str):
@@ -291,7 +292,10 @@ def faithfulness_curves_figure(curves: pd.DataFrame, modality: str):
     models, orders = list(dict.fromkeys(part["model"])), list(dict.fromkeys(part["order"]))
     fills = list(dict.fromkeys(part["fill"]))
     methods = [m for m in dict.fromkeys(part["method"]) if m not in CURVE_REFERENCES]
-    colours = {m: plt.get_cmap("tab20")(k % 20) for k, m in enumerate(methods)}
+    # tab10 without its grey (the human reference's), then tab20's light shades: no two methods alike.
+    palette = [plt.get_cmap("tab10")(k) for k in range(10) if k != 7] + \
+        [plt.get_cmap("tab20")(k) for k in range(1, 20, 2)]
+    colours = {m: palette[k % len(palette)] for k, m in enumerate(methods)}
     fig, axes = plt.subplots(len(models), len(orders), figsize=(5.2 * len(orders), 3.6 * len(models)),
                              squeeze=False, sharey=True)
     for i, model in enumerate(models):
