@@ -153,13 +153,13 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     seed_everything(int(cfg.seed))
-    a = cfg.attribution
+    settings = cfg.attribution
     processed_dir = abspath(cfg.paths.processed_dir)
     model = load_trained_model(cfg, str(cfg.model.name))
-    records = in_image_order(processed.load_question_table(processed_dir, str(a.split)))
-    if a.limit:
-        records = records[:int(a.limit)]
-    options = explain_options(a)
+    records = in_image_order(processed.load_question_table(processed_dir, str(settings.split)))
+    if settings.limit:
+        records = records[:int(settings.limit)]
+    options = explain_options(settings)
 
     out_dir = abspath(cfg.paths.attributions_dir) / str(cfg.model.name)
     trainer = build_trainer(cfg)
@@ -172,14 +172,14 @@ def run(cfg: DictConfig) -> dict:
                                                    model.backbone.std),
                                     int(cfg.data.max_question_length))
     dataset.groups = dataset.groups[rank::world]  # this process's images
-    images_per_batch = max(1, int(a.batch_size) // max(1, max(len(g) for g in dataset.groups)))
+    images_per_batch = max(1, int(settings.batch_size) // max(1, max(len(g) for g in dataset.groups)))
     loader = DataLoader(dataset, batch_size=images_per_batch, shuffle=False,
                         num_workers=int(cfg.trainer.num_workers),
                         collate_fn=functools.partial(collate_questions,
                                                      max_length=int(cfg.data.max_question_length)))
     writer = ShardWriter(out_dir, sum(len(g) for g in dataset.groups))
     trainer.callbacks.append(writer)
-    module = ExplainModule(model, list(a.methods), options, bool(a.get("store_pixel_channels", False)))
+    module = ExplainModule(model, list(settings.methods), options, bool(settings.get("store_pixel_channels", False)))
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
@@ -187,9 +187,9 @@ def run(cfg: DictConfig) -> dict:
     # Times go to the metrics and the log, not into the store: the store must be identical run
     # to run.
     method_seconds = {m: info.pop("seconds", 0.0) for m, info in module.method_info.items()}
-    index = merge_shards(out_dir, list(a.methods), module.method_info,
+    index = merge_shards(out_dir, list(settings.methods), module.method_info,
                          {"model": str(cfg.model.name), "data": str(cfg.data.name),
-                          "split": str(a.split), "options": options})
+                          "split": str(settings.split), "options": options})
     (out_dir / SHARDS).rmdir()
     questions = index["questions"]
     scored = [q["accuracy"] for q in questions if q["accuracy"] is not None]
@@ -213,7 +213,7 @@ def run(cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - start
     metrics["seconds"] = round(seconds, 1)
     log.info("explained %d questions with %d methods in %.0f s (%.2f questions/s)", len(questions),
-             len(a.methods), seconds, len(questions) / seconds)
+             len(settings.methods), seconds, len(questions) / seconds)
     return metrics
 
 

@@ -110,11 +110,12 @@ def score_humans(humans: dict[int, np.ndarray], question_ids: list[int],
     return rho, counts
 
 
-def beats_random_flags(table: pd.DataFrame, within: tuple[str, ...] = ("reference",)) -> list:
+def beats_random_flags(table: pd.DataFrame, within: tuple[str, ...] = ("reference",),
+                       below: bool = False) -> list:
     """Per row: does its interval lie entirely above the random row's of the same model and the
     same ``within`` columns (the reference; and the answer type in the breakdown)? Empty for
     random itself. The human row is compared with the random rows of every model (it must lie
-    above all of them)."""
+    above all of them). With ``below``: entirely below (a score where lower is better)."""
     flags = []
     for row in table.itertuples(index=False):
         if row.method == RANDOM:
@@ -123,10 +124,11 @@ def beats_random_flags(table: pd.DataFrame, within: tuple[str, ...] = ("referenc
         models = table["model"] != HUMAN if row.model == HUMAN else table["model"] == row.model
         same = np.logical_and.reduce([table[c] == getattr(row, c) for c in within])
         random_rows = table[models & (table["method"] == RANDOM) & same]
-        if random_rows.empty or math.isnan(row.ci_low) or random_rows["ci_high"].isna().any():
+        if random_rows.empty or math.isnan(row.ci_low) or random_rows[["ci_low", "ci_high"]].isna().any().any():
             flags.append("")
             continue
-        flags.append(bool(row.ci_low > random_rows["ci_high"].max()))
+        flags.append(bool(row.ci_high < random_rows["ci_low"].min()) if below
+                     else bool(row.ci_low > random_rows["ci_high"].max()))
     return flags
 
 

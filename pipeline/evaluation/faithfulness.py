@@ -24,6 +24,7 @@ import torch
 
 from pipeline.common.errors import DataError
 from pipeline.evaluation import inputs
+from pipeline.evaluation.agreement import beats_random_flags
 from pipeline.evaluation.perturbation import seeded, trapezoid
 from pipeline.evaluation.stats import summarise
 
@@ -187,20 +188,14 @@ def summary_rows(model: str, modality: str, curves: dict, fractions, boot: dict)
 
 def faithful_flags(table: pd.DataFrame) -> list:
     """``more_faithful_than_random`` per row, on non-overlapping intervals against the random
-    map's row of the same model, modality, order and fill: for ``morf`` the interval lies entirely
+    map's row of the same model, modality, order and fill (:func:`~pipeline.evaluation.agreement.
+    beats_random_flags`, the rank-correlation table's rule): for ``morf`` the interval lies entirely
     below random's (the answer collapses sooner), for ``lerf`` entirely above (it survives
     longer). Empty for random itself and where an interval is undefined."""
-    flags = []
-    for row in table.itertuples(index=False):
-        same = table[(table["model"] == row.model) & (table["modality"] == row.modality)
-                     & (table["order"] == row.order) & (table["fill"] == row.fill) & (table["method"] == RANDOM)]
-        if row.method == RANDOM or same.empty or np.isnan(row.ci_low) or np.isnan(same["ci_low"].iloc[0]):
-            flags.append("")
-        elif row.order == "morf":
-            flags.append(bool(row.ci_high < same["ci_low"].iloc[0]))
-        else:
-            flags.append(bool(row.ci_low > same["ci_high"].iloc[0]))
-    return flags
+    within = ("modality", "order", "fill")
+    above = beats_random_flags(table, within=within)
+    below = beats_random_flags(table, within=within, below=True)
+    return [b if order == "morf" else a for order, a, b in zip(table["order"], above, below)]
 
 
 def mean_curve_rows(model: str, modality: str, curves: dict, fractions) -> list[dict]:
@@ -250,7 +245,7 @@ def plausibility_table(table: pd.DataFrame, rank: pd.DataFrame) -> pd.DataFrame:
         p = plausible.loc[(model, method)]
         verdicts = [v for v in group["more_faithful_than_random"] if v != ""]
         row = {"model": model, "method": method, "reference": reference, "rank_correlation": float(p["mean"]),
-               "plausible": _as_bool(p[column])}
+               "plausible": inputs.as_bool(p[column])}
         for fill, r in zip(group["fill"], group.itertuples(index=False)):
             row[f"auc_{fill}"] = r.auc
             row[f"faithful_{fill}"] = r.more_faithful_than_random
@@ -258,13 +253,6 @@ def plausibility_table(table: pd.DataFrame, rank: pd.DataFrame) -> pd.DataFrame:
                            else "depends on the fill")
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _as_bool(value):
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    text = str(value).strip().lower()
-    return True if text == "true" else False if text == "false" else None
 
 
 def verdict_sentences(plausibility: pd.DataFrame, dependent: list[str]) -> list[str]:

@@ -170,3 +170,12 @@ def ground_truth_questions(cfg, split_key: str) -> dict:
     from pipeline.data.synthetic import load_ground_truth
 
     return load_ground_truth(abspath(cfg.data.root), split_name(cfg, split_key))
+
+
+def as_bool(value) -> bool | None:
+    """A CSV cell of a boolean column (True/False, "True"/"False", empty) as bool or None."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None

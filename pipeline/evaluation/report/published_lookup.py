@@ -3,22 +3,12 @@
 table that puts them side by side."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from pipeline.evaluation.published import PublishedValue
 
 
 NOT_VERIFIED = "published value not verified"
-
-
-def as_bool(value) -> bool | None:
-    """A CSV cell of a boolean column (True/False, "True"/"False", empty) as bool or None."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    return None
 
 
 def locate(published: PublishedValue, frames: dict[str, pd.DataFrame]) -> tuple[float | None, str]:

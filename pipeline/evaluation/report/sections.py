@@ -15,12 +15,13 @@ from pipeline.attribution.methods.random import NAME as RANDOM
 from pipeline.common.config import abspath
 from pipeline.common.errors import DataError
 from pipeline.evaluation import faithfulness, inputs
+from pipeline.evaluation.inputs import as_bool
 from pipeline.evaluation.outputs import markdown_table, tables_dir
 from pipeline.evaluation.published import PublishedValue, for_section
 from pipeline.evaluation.report.assets import FigureSpec, TableSpec, find_figures, fold, read_table
 from pipeline.evaluation.report.header import header
 from pipeline.evaluation.report.prose import prose
-from pipeline.evaluation.report.published_lookup import as_bool, published_table
+from pipeline.evaluation.report.published_lookup import published_table
 
 GRADCAM_METHODS = ("cam", "guided_backprop", "gradcam", "guided_gradcam", COUNTERFACTUAL)
 # Maps that are the ReLU of Grad-CAM's signed sum (Eq. 2), plain, guided or gated: when one of
